@@ -246,7 +246,15 @@ SEQ = _uint("seq", 8, "sequence slot of the KV cache")
 LAYER = _uint("layer", 8, "layer of the KV cache")
 SPLITS = _uint("splits", 8, "split-K partitions of the keys, merged at the end", minimum=1,
                default=1)
-TOPK = _uint("topk", 24, "keep the top-k keys by score (0 = keep all)", default=0)
+TOPK = _uint("topk", 16, "keep the top-k keys by score (0 = keep all)", default=0)
+KV_BITS = _uint("kv_bits", 4, "bits of the cached K and V values", choices=WEIGHT_BITS)
+KV_GROUP_LOG2 = _uint("kv_group_log2", 4,
+                      "log2 of the KV group size along head_dim (0 = whole head)", default=0)
+LAYERS = _uint("layers", 8, "layers in the KV cache (its layout stride)", minimum=1)
+CTX_LOG2 = _uint("ctx_log2", 5, "log2 of the tokens each cache region holds (max_ctx)")
+KV_GEOMETRY = (LAYERS, CTX_LOG2, KV_BITS, KV_GROUP_LOG2)
+"""Fields that fix the KV layout: kv = dict(layers, max_ctx=2**ctx_log2, head_dim,
+bits=kv_bits, group=group_size(kv_group_log2, head_dim), page_bytes from the config)."""
 
 _KVAPP = """\
 K = {act}.fx[k_addr, m, kv_heads * head_dim];  V = {act}.fx[v_addr, m, kv_heads * head_dim]
@@ -340,14 +348,14 @@ INSTRUCTIONS = (
         _addr("k_addr", Space.SRAM, "m x (kv_heads * head_dim) fx keys"),
         _addr("v_addr", Space.SRAM, "m x (kv_heads * head_dim) fx values"),
         _addr("pos_addr", Space.SRAM, "m token positions (i32)"),
-        _addr("kv_base", Space.HBM, "base of the KV cache")),
+        _addr("kv_base", Space.HBM, "base of the KV cache"), *KV_GEOMETRY),
         _KVAPP.format(act="SRAM", cache="HBM", note="")),
     Instr("VPU.ATTN", Engine.VPU, 7, (
         M, SEQ, LAYER, Q_HEADS, KV_HEADS, HEAD_DIM,
         _addr("q_addr", Space.SRAM, "m x (q_heads * head_dim) fx queries"),
         _addr("pos_addr", Space.SRAM, "m query positions (i32)"),
         _addr("o_addr", Space.SRAM, "m x (q_heads * head_dim) fx outputs"),
-        _addr("kv_base", Space.HBM, "base of the KV cache"),
+        _addr("kv_base", Space.HBM, "base of the KV cache"), *KV_GEOMETRY,
         SPLITS, TOPK),
         _ATTN.format(act="SRAM", cache="HBM", note="")),
     Instr("PIM.GEMV", Engine.PIM, 0, (
@@ -373,7 +381,7 @@ INSTRUCTIONS = (
         _addr("k_addr", Space.CDRAM, "m x (kv_heads * head_dim) fx keys"),
         _addr("v_addr", Space.CDRAM, "m x (kv_heads * head_dim) fx values"),
         _addr("pos_addr", Space.CDRAM, "m token positions (i32)"),
-        _addr("kv_base", Space.FLASH, "base of the KV cache")),
+        _addr("kv_base", Space.FLASH, "base of the KV cache"), *KV_GEOMETRY),
         _KVAPP.format(act="CDRAM", cache="FLASH",
                       note="\n# a flash page is programmed once it is full")),
     Instr("CSD.ATTN", Engine.CSD, 1, (
@@ -381,7 +389,7 @@ INSTRUCTIONS = (
         _addr("q_addr", Space.CDRAM, "m x (q_heads * head_dim) fx queries"),
         _addr("pos_addr", Space.CDRAM, "m query positions (i32)"),
         _addr("o_addr", Space.CDRAM, "m x (q_heads * head_dim) fx outputs"),
-        _addr("kv_base", Space.FLASH, "base of the KV cache"),
+        _addr("kv_base", Space.FLASH, "base of the KV cache"), *KV_GEOMETRY,
         SPLITS, TOPK),
         _ATTN.format(act="CDRAM", cache="FLASH",
                      note="\n# the splits run in parallel on the flash channels")),

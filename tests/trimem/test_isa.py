@@ -128,8 +128,8 @@ def test_decoded_engine_and_space_fields_are_enums():
 def test_defaults_fill_left_out_fields():
     fields = isa.decode(isa.encode("VPU.ATTN", m=1, seq=0, layer=0, q_heads=4, kv_heads=1,
                                    head_dim=64, q_addr=0, pos_addr=0, o_addr=0,
-                                   kv_base=0)).fields
-    assert (fields["splits"], fields["topk"]) == (1, 0)
+                                   kv_base=0, layers=2, ctx_log2=9, kv_bits=8)).fields
+    assert (fields["splits"], fields["topk"], fields["kv_group_log2"]) == (1, 0, 0)
 
 
 def test_encode_rejects_a_value_too_wide_for_its_field():
