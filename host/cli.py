@@ -15,6 +15,7 @@ import sys
 REGISTRARS = (
     ("trimem.hwcli", "add_hw_parser"),
     ("trimem.isacli", "add_isa_parsers"),
+    ("trimem.emulator.cli", "add_run_parser"),
 )
 """(module, function) pairs that add subcommands; listed in the order `--help` shows them."""
 
