@@ -364,7 +364,7 @@ INSTRUCTIONS = (
         _addr("s_addr", Space.GBUF, "scale codes of the input rows"),
         _addr("w_addr", Space.PIMDRAM, "row-aligned byte offset of the tiles in each bank"),
         _addr("o_addr", Space.PRES, "m x n fx outputs"),
-        _uint("ch_mask", 16, "PIM channels used (bit c = channel c)", minimum=1),
+        _uint("ch_mask", 32, "PIM channels used (bit c = channel c)", minimum=1),
         BITS, NM, GROUP_LOG2),
         "banks = the banks of the channels in ch_mask, channel-major;  U = len(banks)\n"
         "for u, bank in enumerate(banks):                 # output channels j with j % U == u\n"

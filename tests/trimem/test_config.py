@@ -107,7 +107,7 @@ def test_pim_derived_figures_of_neupims_match_hand_computation():
     assert p.external_gbps == pytest.approx(32 * 32.0)
     assert p.ridge_op_per_byte == pytest.approx(2 * 16 / 64)
     assert p.refresh_fraction == pytest.approx(260 / 3900)
-    assert p.gbuf_total_bytes == 32 * 2048 and p.result_total_bytes == 32 * 4096
+    assert p.gbuf_total_bytes == 32 * 32768 and p.result_total_bytes == 32 * 4096
 
 
 def test_csd_derived_figures_of_instinfer_match_hand_computation():
