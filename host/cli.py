@@ -16,6 +16,7 @@ REGISTRARS = (
     ("trimem.hwcli", "add_hw_parser"),
     ("trimem.isacli", "add_isa_parsers"),
     ("trimem.emulator.cli", "add_run_parser"),
+    ("trimem.host.study_cli", "add_study_parsers"),
 )
 """(module, function) pairs that add subcommands; listed in the order `--help` shows them."""
 
