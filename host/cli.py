@@ -15,6 +15,7 @@ import sys
 REGISTRARS = (
     ("trimem.hwcli", "add_hw_parser"),
     ("trimem.isacli", "add_isa_parsers"),
+    ("trimem.compiler.cli", "add_compile_parser"),
     ("trimem.emulator.cli", "add_run_parser"),
     ("trimem.host.study_cli", "add_study_parsers"),
 )

@@ -1,0 +1,90 @@
+"""`trimem compile`: arguments, the bundle it writes, the report it prints, refusals."""
+import argparse
+
+import pytest
+
+from trimem.bundle import BundleError, read_bundle
+from trimem.compiler.cli import add_compile_parser
+from trimem.compiler.ir import CompileError
+
+pytestmark = pytest.mark.unit
+
+
+def trimem(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="trimem")
+    add_compile_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compile", *map(str, argv)])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama.save_pretrained(folder)
+    return folder
+
+
+def test_compile_writes_a_bundle_of_a_saved_tiny_model(saved_model, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert trimem(saved_model, "--hw", "trimem-all", "--quant", "w8a8kv8", "--sparsity", "2:4",
+                  "--buckets", "prefill:4@64,decode:1@64", "-o", out) == 0
+    bundle = read_bundle(out)
+    assert set(bundle.entries) == {"prefill_m4_c64", "decode_m1_c64"}
+    assert bundle.quant["sparsity"] == "2:4" and bundle.quant["w_bits"] == 8
+    assert bundle.tests["decode_m1_c64"]["expected"]["logits"].shape == (1, 256)
+    text = capsys.readouterr().out
+    assert "entry decode_m1_c64:" in text and "layers.0.mlp.up" in text
+    assert f"wrote {out}: 2 entries" in text
+
+
+def test_compile_of_llama2_7b_timing_only_needs_no_weights(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert trimem("llama2-7b", "--hw", "flightllm-u280", "--timing-only", "--layers", "2",
+                  "-o", out) == 0
+    bundle = read_bundle(out)
+    assert bundle.images == [] and bundle.model["layers"] == 2
+    assert set(bundle.entries) == {"prefill_m64_c1024", "decode_m1_c1024", "decode_m1_c4096"}
+    assert "(timing only: no images)" in capsys.readouterr().out
+
+
+def test_compile_refuses_a_non_empty_directory_that_is_not_a_bundle(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    args = ("llama2-7b", "--hw", "flightllm-u280", "--timing-only", "--layers", "1",
+            "--buckets", "decode:1@128", "-o", tmp_path)
+    with pytest.raises(BundleError, match=r"is not empty and holds no bundle; choose an empty "
+                                          r"or new directory, or pass --force"):
+        trimem(*args)
+    assert trimem(*args, "--force") == 0
+    assert (tmp_path / "keep.txt").read_text() == "mine" and read_bundle(tmp_path).entries
+
+
+def test_compile_overwrites_an_existing_bundle(tmp_path):
+    args = ("llama2-7b", "--hw", "flightllm-u280", "--timing-only", "--layers", "1",
+            "--buckets", "decode:1@128", "-o", tmp_path / "b")
+    assert trimem(*args) == 0 and trimem(*args) == 0
+
+
+def test_a_malformed_bucket_is_rejected_with_the_form_to_use(tmp_path):
+    with pytest.raises(CompileError, match=r"^bucket 'decode:1' is not of the form "
+                                           r"PHASE:ROWS@CTX"):
+        trimem("llama2-7b", "--hw", "flightllm-u280", "--timing-only", "--buckets",
+               "decode:1", "-o", tmp_path / "b")
+
+
+def test_a_placement_override_must_be_kind_equals_engine(tmp_path):
+    with pytest.raises(CompileError, match=r"^--place 'linear' is not KIND=ENGINE"):
+        trimem("llama2-7b", "--hw", "trimem-all", "--timing-only", "--place", "linear",
+               "-o", tmp_path / "b")
+
+
+def test_a_context_beyond_the_model_is_rejected(tmp_path):
+    with pytest.raises(CompileError, match=r"^bucket decode:1@8192 exceeds the model's max_ctx "
+                                           r"4096"):
+        trimem("llama2-7b", "--hw", "flightllm-u280", "--timing-only", "--buckets",
+               "decode:1@8192", "-o", tmp_path / "b")
+
+
+def test_a_machine_without_an_fpga_is_rejected_before_any_work(tmp_path):
+    with pytest.raises(CompileError, match=r"^hardware 'instinfer' has no fpga section"):
+        trimem("llama2-7b", "--hw", "instinfer", "--timing-only", "-o", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
