@@ -22,7 +22,8 @@ FORMAT = "trimem-bundle"
 FORMAT_VERSION = 1
 BYTE_ORDER = "little"
 HEX_LIMIT_BYTES = 16 << 20
-"""Images up to this size also get a `$readmemh` file (RTL co-simulation needs only small ones)."""
+"""Bundles whose images total up to this size also get `$readmemh` files for every image
+(RTL co-simulation runs only small bundles; large ones would triple their size in text)."""
 
 
 class BundleError(ValueError):
@@ -103,12 +104,19 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def readmemh(data: np.ndarray, width: int) -> str:
+def readmemh(data: np.ndarray, width: int) -> bytes:
     """`$readmemh` text of `data`, `width` bytes per line, little-endian words."""
     data = np.asarray(data, dtype=np.uint8)
     pad = (-len(data)) % width
     words = np.concatenate([data, np.zeros(pad, np.uint8)]).reshape(-1, width)[:, ::-1]
-    return "".join(bytes(row).hex() + "\n" for row in words)
+    text = np.empty((len(words), 2 * width + 1), np.uint8)
+    text[:, 0:-1:2] = _HEX_DIGITS[words >> 4]
+    text[:, 1:-1:2] = _HEX_DIGITS[words & 15]
+    text[:, -1] = ord("\n")
+    return text.tobytes()
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
 def is_bundle(path) -> bool:
@@ -142,17 +150,18 @@ def write_bundle(bundle: Bundle, path, *, force: bool = False, hex_width: int = 
             body = isa.program_bytes(isa.Engine[engine.upper()], words)
             progs[engine.lower()] = put(f"programs/{entry.name}/{engine.lower()}.bin", body)
             progs[engine.lower()]["instructions"] = len(words)
-            text = readmemh(np.frombuffer(b"".join(words), np.uint8), isa.WORD_BYTES)
-            put(f"programs/{entry.name}/{engine.lower()}.hex", text.encode())
+            put(f"programs/{entry.name}/{engine.lower()}.hex",
+                readmemh(np.frombuffer(b"".join(words), np.uint8), isa.WORD_BYTES))
         entries.append({"name": entry.name, "kind": entry.kind, "programs": progs,
                         "inputs": [t.to_dict() for t in entry.inputs],
                         "outputs": [t.to_dict() for t in entry.outputs], "meta": entry.meta})
     images = []
+    with_hex = sum(image.data.size for image in bundle.images) <= HEX_LIMIT_BYTES
     for image in bundle.images:
         rec = {"name": image.name, "space": image.space, "addr": image.addr,
                "location": image.location, **put(f"images/{image.name}.bin", image.data.tobytes())}
-        if image.data.size <= HEX_LIMIT_BYTES:
-            put(f"images/{image.name}.hex", readmemh(image.data, hex_width).encode())
+        if with_hex:
+            put(f"images/{image.name}.hex", readmemh(image.data, hex_width))
             rec["hex"] = {"file": f"images/{image.name}.hex", "width_bytes": hex_width}
         images.append(rec)
     tests = {}

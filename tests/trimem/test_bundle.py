@@ -38,13 +38,20 @@ def test_bundle_round_trips_programs_images_and_test_vectors(tmp_path):
 
 def test_readmemh_writes_little_endian_words_one_per_line():
     text = bundle.readmemh(np.arange(1, 6, dtype=np.uint8), 4)
-    assert text == "04030201\n00000005\n"
+    assert text == b"04030201\n00000005\n"
 
 
 def test_image_hex_file_holds_the_image_bytes(tmp_path):
     out = bundle.write_bundle(make_bundle(), tmp_path / "b", hex_width=4)
     lines = (out / "images/hbm_weights.hex").read_text().split()
     assert lines[0] == "03020100" and len(lines) == 25
+
+
+def test_large_bundles_carry_no_hex_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle, "HEX_LIMIT_BYTES", 99)
+    out = bundle.write_bundle(make_bundle(), tmp_path / "b")
+    assert not (out / "images/hbm_weights.hex").exists()
+    assert "hex" not in yaml.safe_load((out / "manifest.yaml").read_text())["images"][0]
 
 
 def test_program_hex_has_one_instruction_word_per_line(tmp_path):
