@@ -1,0 +1,171 @@
+"""The VPU RTL: ADD, SILUMUL, ROPE and QUANT against trimem.special / numerics, and timing."""
+import gc
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from amaranth.hdl import Module, Signal, UnusedElaboratable
+from amaranth.sim import Simulator
+
+from trimem import isa, layout, numerics, special, timing
+from trimem.config import load_config
+from trimem.hdl.frontend import simulate_sram_top
+from trimem.hdl.vpu import VectorUnit, encode_amax
+from trimem.hdl.vpu_top import VpuEngine, vpu_top
+
+SMALL = load_config("trimem-small")
+A_ADDR, B_ADDR, O_ADDR, S_ADDR = 0x104, 0x1002, 0x2001, 0x3003
+
+
+def rejects(pattern: str, build) -> None:
+    """`build()` raises ValueError matching `pattern` (its half-built component is no warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(ValueError, match=pattern):
+            build()
+        gc.collect()
+
+
+def fx_rows(rng, m, n, *, spread=True):
+    """Random fx rows; with `spread`, each element scaled down by a random power of two, so
+    small, large and saturating values all occur."""
+    x = rng.integers(-2**31, 2**31, size=(m, n))
+    if spread:
+        x >>= rng.integers(0, 31, size=(m, n))
+    return x.astype(np.int32)
+
+
+def run_vpu(words, sram, reads, cycles):
+    return simulate_sram_top(vpu_top(SMALL, words, sram=sram.tobytes()), reads,
+                             max_cycles=cycles + 10)
+
+
+@pytest.mark.sim
+def test_encode_amax_in_hardware_gives_numerics_scale_codes():
+    amax = np.array([0, 1, 2, 32767, 32768, 32769, 65535, 65536, 2**31 - 1, 2**31, 12345678])
+    m = Module()
+    value = Signal(33)
+    mant, exp = encode_amax(m, value)
+    got = []
+
+    async def bench(ctx):
+        for a in amax:
+            ctx.set(value, int(a))
+            got.append((ctx.get(mant), ctx.get(exp)))
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+    want_mant, want_exp = numerics.encode_amax(amax)
+    assert got == list(zip(want_mant.tolist(), want_exp.tolist()))
+
+
+BINARY = {"VPU.ADD": (special.add_sat, (2, 13), False),
+          "VPU.SILUMUL": (special.silu_mul, (3, 11), True)}
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("name", BINARY)
+def test_binary_ops_match_special_bit_for_bit_in_the_cycles_timing_gives(name):
+    fn, (m, n), spread = BINARY[name]
+    rng = np.random.default_rng(5)
+    a, b = fx_rows(rng, m, n, spread=spread), fx_rows(rng, m, n, spread=spread)
+    a[0, :4] = [0, -1, 2**31 - 1, -2**31]
+    sram = np.zeros(SMALL.fpga.sram_bytes, np.uint8)
+    sram[A_ADDR:A_ADDR + 4 * m * n] = layout.pack_fx_rows(a)
+    sram[B_ADDR:B_ADDR + 4 * m * n] = layout.pack_fx_rows(b)
+    fields = dict(m=m, n=n, a_addr=A_ADDR, b_addr=B_ADDR, o_addr=O_ADDR)
+    cycles = timing.vpu_cycles(SMALL.fpga, name, fields)
+    out = run_vpu([isa.encode(name, **fields), isa.encode("HALT")], sram,
+                  [(O_ADDR, 4 * m * n)], cycles)
+    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
+    got = layout.unpack_fx_rows(np.frombuffer(out["data"][0], np.uint8), n)
+    np.testing.assert_array_equal(got, fn(a, b))
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("m, n", [(3, 13), (1, 5), (2, 16)])
+def test_quant_matches_quantize_act_bit_for_bit_in_the_cycles_timing_gives(m, n):
+    rng = np.random.default_rng(m * 100 + n)
+    x = (rng.integers(-2**31, 2**31, size=(m, n)) >> rng.integers(0, 31, size=(m, 1)))
+    x = x.astype(np.int32)
+    x[0, 0] = -2**31
+    sram = np.zeros(SMALL.fpga.sram_bytes, np.uint8)
+    sram[A_ADDR:A_ADDR + 4 * m * n] = layout.pack_fx_rows(x)
+    fields = dict(m=m, n=n, x_addr=A_ADDR, o_addr=O_ADDR, s_addr=S_ADDR)
+    cycles = timing.vpu_cycles(SMALL.fpga, "VPU.QUANT", fields)
+    out = run_vpu([isa.encode("VPU.QUANT", **fields), isa.encode("HALT")], sram,
+                  [(O_ADDR, m * n), (S_ADDR, 4 * m)], cycles)
+    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
+    a8, mant, exp = numerics.quantize_act(x)
+    np.testing.assert_array_equal(layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8),
+                                                        n), a8)
+    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
+    np.testing.assert_array_equal(got_mant, mant)
+    np.testing.assert_array_equal(got_exp, exp)
+
+
+@pytest.mark.sim
+def test_ops_back_to_back_take_the_sum_of_their_cycles():
+    rng = np.random.default_rng(6)
+    m, n = 2, 9
+    x = fx_rows(rng, m, n)
+    sram = np.zeros(SMALL.fpga.sram_bytes, np.uint8)
+    sram[A_ADDR:A_ADDR + 4 * m * n] = layout.pack_fx_rows(x)
+    add = dict(m=m, n=n, a_addr=A_ADDR, b_addr=A_ADDR, o_addr=B_ADDR)
+    quant = dict(m=m, n=n, x_addr=B_ADDR, o_addr=O_ADDR, s_addr=S_ADDR)
+    words = [isa.encode("VPU.ADD", **add), isa.encode("VPU.QUANT", **quant),
+             isa.encode("HALT")]
+    cycles = (timing.vpu_cycles(SMALL.fpga, "VPU.ADD", add)
+              + timing.vpu_cycles(SMALL.fpga, "VPU.QUANT", quant))
+    out = run_vpu(words, sram, [(O_ADDR, m * n)], cycles)
+    assert out["cycles"] == cycles
+    a8, _, _ = numerics.quantize_act(special.add_sat(x, x))
+    np.testing.assert_array_equal(layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8),
+                                                        n), a8)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("heads, head_dim", [(2, 16), (3, 32)])
+def test_rope_matches_special_rope_bit_for_bit_in_the_cycles_timing_gives(heads, head_dim):
+    rng = np.random.default_rng(heads)
+    m, max_pos = 3, 40
+    x = fx_rows(rng, m, heads * head_dim)
+    pos = np.array([0, 39, 17], np.int32)
+    cos, sin = special.rope_table(1.0 / 10000 ** (np.arange(head_dim // 2) / (head_dim // 2)),
+                                  max_pos)
+    table = np.concatenate([cos, sin], axis=1).astype("<i2").view(np.uint8).reshape(-1)
+    pos_addr, table_addr = 0x5001, 0x6003
+    sram = np.zeros(SMALL.fpga.sram_bytes, np.uint8)
+    sram[A_ADDR:A_ADDR + x.size * 4] = layout.pack_fx_rows(x)
+    sram[pos_addr:pos_addr + 4 * m] = pos.astype("<i4").view(np.uint8)
+    sram[table_addr:table_addr + table.size] = table
+    fields = dict(m=m, heads=heads, head_dim=head_dim, x_addr=A_ADDR, pos_addr=pos_addr,
+                  table_addr=table_addr, o_addr=O_ADDR)
+    cycles = timing.vpu_cycles(SMALL.fpga, "VPU.ROPE", fields)
+    out = run_vpu([isa.encode("VPU.ROPE", **fields), isa.encode("HALT")], sram,
+                  [(O_ADDR, x.size * 4)], cycles)
+    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
+    want = special.rope(x.reshape(m, heads, head_dim), pos, cos, sin).reshape(m, -1)
+    got = layout.unpack_fx_rows(np.frombuffer(out["data"][0], np.uint8), heads * head_dim)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("word", [
+    isa.encode("VPU.RMSNORM", m=1, n=8, x_addr=0, g_addr=0, o_addr=0, s_addr=0),
+    isa.encode("VPU.ROPE", m=1, heads=1, head_dim=8, x_addr=0, pos_addr=0, table_addr=0,
+               o_addr=0)], ids=["rmsnorm", "rope with half heads shorter than the lanes"])
+def test_a_vpu_word_the_rtl_does_not_run_stops_the_stream_with_error(word):
+    out = run_vpu([word, isa.encode("HALT")], np.zeros(SMALL.fpga.sram_bytes, np.uint8), [], 10)
+    assert (out["halted"], out["error"]) == (1, 1)
+
+
+@pytest.mark.unit
+def test_lane_counts_the_rtl_cannot_build_are_rejected():
+    rejects(r"^vpu_lanes must be an int in \[1, 256\], got 0$", lambda: VectorUnit(0))
+    rejects(r"^vpu_lanes = 1024 must be a power of two in \[1, 256\] for the RTL",
+            lambda: VpuEngine(replace(SMALL.fpga, vpu_lanes=1024)))
+    rejects(r"^vpu_lanes = 12 must be a power of two", lambda: VpuEngine(replace(SMALL.fpga,
+                                                                               vpu_lanes=12)))
