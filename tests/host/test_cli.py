@@ -14,7 +14,8 @@ def test_help_lists_every_registered_subcommand(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in ("hw", "asm", "disasm"):
+    for name in ("hw", "asm", "disasm", "compile", "run", "hdl", "sim", "cosim", "demo",
+                 "generate", "compare", "study", "roofline", "sweep"):
         assert f"    {name}" in out
 
 
