@@ -9,7 +9,9 @@ converts numbers: it never changes which ops run.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -24,8 +26,15 @@ from trimem.compiler.reference import float_forward
 _SPEC = re.compile(r"w(\d+)(?:g(\d+))?a(\d+)kv(\d+)(?:g(\d+))?(?:h(\d+))?")
 SMOOTH_MIN = 1e-5
 """Floor of the SmoothQuant per-channel statistics, so all-zero channels keep scale 1."""
+CALIB_TEXT = ("Rivers shape the land they cross. Over thousands of years, water carries sand "
+              "and stone from the mountains to the sea, cutting valleys and building wide plains "
+              "where farms and towns grow. People have always settled near rivers for fresh "
+              "water, food and trade, and many of the oldest cities in the world stand on their "
+              "banks. Today rivers also turn turbines that make electricity, and scientists "
+              "study them to understand floods, droughts and the fish and birds that need them.")
+"""The default calibration prompt, in the model's own tokenizer where it has one."""
 CALIB_TOKENS = 32
-"""Length of the default calibration prompt (fixed-seed random ids) for smoothing."""
+"""Length of the fallback calibration prompt (fixed-seed random ids) without a tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,46 @@ class QuantEmbedding(NamedTuple):
     exp: np.ndarray
 
 
+# ---- calibration ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _text_ids(folder: str):
+    """CALIB_TEXT in the tokenizer stored in `folder` (a GGUF or tokenizer files), or None."""
+    from transformers import AutoTokenizer
+
+    gguf = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf[0] if gguf else None,
+                                            local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return tuple(tok(CALIB_TEXT)["input_ids"])
+
+
+def calibration_ids(graph: Graph, calib_ids=None) -> np.ndarray:
+    """The calibration prompt: `calib_ids` when given, else CALIB_TEXT in the tokenizer next to
+    the source model, else CALIB_TOKENS fixed-seed random ids."""
+    if calib_ids is None:
+        source = graph.meta.get("source")
+        folder = getattr(getattr(source, "config", None), "name_or_path", "") or ""
+        calib_ids = _text_ids(os.path.abspath(folder)) if os.path.isdir(folder) else None
+    if calib_ids is None:
+        return np.random.default_rng(0).integers(graph.spec.vocab, size=CALIB_TOKENS)
+    ids = np.asarray(calib_ids, dtype=np.int64)
+    if ids.ndim != 1 or not ids.size or ids.min() < 0 or ids.max() >= graph.spec.vocab:
+        raise CompileError(f"calibration ids {calib_ids!r} must be a non-empty 1-D sequence in "
+                           f"[0, {graph.spec.vocab}), the model's vocab; pass calib_ids in it")
+    return ids
+
+
+def calibrate(graph: Graph, names, calib_ids=None):
+    """(prompt ids, {value: float activations [tokens, n]}) of the float graph over the
+    calibration prompt (`calibration_ids`), for the values in `names`."""
+    ids = calibration_ids(graph, calib_ids)
+    _, acts = float_forward(graph, ids, capture=list(dict.fromkeys(names)))
+    return ids, acts
+
+
 # ---- SmoothQuant ---------------------------------------------------------------------------
 
 def _smoothed_pairs(graph):
@@ -118,19 +167,18 @@ def smooth(graph: Graph, alpha: float, calib_ids=None) -> Graph:
     """Migrate activation outliers into the weights, keeping the float function.
 
     For each in-layer RMSNorm and the linears it feeds, per input channel j:
-    s_j = max|X_j|**alpha / max|W_:,j|**(1 - alpha) over the calibration prompt, then
-    gamma_j /= s_j and W_:,j *= s_j. The final norm is left alone (its linear may be the
-    tied embedding). Returns a new graph; zeros of pruned weights stay zero.
+    s_j = max|X_j|**alpha / max|W_:,j|**(1 - alpha) over the calibration prompt
+    (`calibration_ids`), then gamma_j /= s_j and W_:,j *= s_j. The final norm is left alone
+    (its linear may be the tied embedding). Returns a new graph; zeros of pruned weights stay
+    zero.
     """
     if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise CompileError(f"smooth alpha {alpha!r} must be a number in [0, 1]")
     if graph.timing_only:
         raise CompileError("smoothing needs weights and calibration; drop smooth_alpha for a "
                            "timing-only graph")
-    if calib_ids is None:
-        calib_ids = np.random.default_rng(0).integers(graph.spec.vocab, size=CALIB_TOKENS)
     pairs = _smoothed_pairs(graph)
-    _, acts = float_forward(graph, calib_ids, capture=[norm.name for norm, _ in pairs])
+    calib_ids, acts = calibrate(graph, [norm.name for norm, _ in pairs], calib_ids)
     out = graph.clone()
     for norm, users in pairs:
         act = np.maximum(np.abs(acts[norm.name]).max(axis=0), SMOOTH_MIN)
@@ -192,9 +240,9 @@ def run(graph: Graph, cfg=None, options=None) -> Graph:
     """Quantize a graph; returns a new, verified graph with `quantized` set.
 
     Options: "quant" (QuantSpec or text, default "w4a8kv4"), "smooth_alpha" (None = no
-    smoothing, typically 0.5) and "calib_ids" (calibration token ids, default a fixed-seed
-    random prompt of CALIB_TOKENS). With a hardware config `cfg`, the weight bits must be
-    among `cfg.fpga.weight_bits`.
+    smoothing, typically 0.5) and "calib_ids" (calibration token ids, default
+    `calibration_ids`). With a hardware config `cfg`, the weight bits must be among
+    `cfg.fpga.weight_bits`.
     """
     qs = QuantSpec.coerce(option(options, "quant", DEFAULT))
     if graph.quantized:
