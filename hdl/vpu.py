@@ -29,7 +29,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from trimem import numerics, special
-from trimem.numerics import ACT_FRAC, ACT_QMAX, INT32_MAX, RECIP_SHIFT, SCALE_MANT_BITS
+from trimem.numerics import (ACT_EXP_MAX, ACT_FRAC, ACT_QMAX, INT32_MAX, RECIP_SHIFT,
+                             SCALE_MANT_BITS)
 
 FX_BITS = INT32_MAX.bit_length() + 1
 """Width of an fx value (int32)."""
@@ -37,6 +38,17 @@ A8_BITS = ACT_QMAX.bit_length() + 1
 """Width of a quantized activation (int8)."""
 EXP_BITS = 8
 """Width of a scale-code exponent as stored (u8)."""
+ROW_EXP = range(ACT_EXP_MAX + 1)
+"""Shape of a row's scale exponent inside the unit: encode_amax of an int32 row gives at most
+ACT_EXP_MAX."""
+QUANT_BITS = (ACT_QMAX << (RECIP_SHIFT + ACT_EXP_MAX)).bit_length() + 1
+"""Width of x * R in QUANT: |x| <= mant << exp and R <= (127 << RECIP_SHIFT) / mant bound it
+by 127 << (RECIP_SHIFT + exp)."""
+EXP_SHIFT = special.LOG2E_SHIFT + ACT_FRAC - special.EXP_LUT_BITS
+"""Fraction bits exp_fx drops from u * LOG2E_MULT to index its table."""
+EXP_WHOLE = range(((-special.EXP_INPUT_MIN * special.LOG2E_MULT) >> EXP_SHIFT
+                   >> special.EXP_LUT_BITS) + 2)
+"""Shape of exp_fx's whole power of two n at the input clamp (n <= 23, plus rounding)."""
 EXP_LUT_WIDTH = int(special.EXP_LUT.max()).bit_length()
 """Width of an exp_fx table entry (18 bits: 2**17 at index 0)."""
 RECIP_TABLE = numerics._reciprocal(ACT_QMAX, np.arange(1, 1 << SCALE_MANT_BITS, dtype=np.int64))
@@ -45,12 +57,10 @@ RECIP_BITS = int(RECIP_TABLE.max()).bit_length()
 """Width of a row reciprocal (39 bits: 127 << 32 at mant = 1)."""
 SIG_BITS = special.SIGMOID_FRAC + 1
 """Width of a sigmoid in Q0.SIGMOID_FRAC, which reaches 1.0 = 2**SIGMOID_FRAC."""
+ROPE_BITS = special.rope_table(np.zeros(1), 1)[0].dtype.itemsize * 8
+"""Width of a RoPE table entry (Q1.ROPE_FRAC, the dtype special.rope_table builds)."""
 MAX_LANES = 256
 """Most lanes a VPU is built with."""
-
-
-ROPE_BITS = 16
-"""Width of a RoPE table entry (int16 Q1.ROPE_FRAC, special.rope_table)."""
 
 
 class VpuOp(enum.Enum, shape=3):
@@ -68,11 +78,17 @@ class VpuOp(enum.Enum, shape=3):
 
 def rshift_round(x, s):
     """x / 2**s rounded half up with an arithmetic shift, for an unsigned shift value s >= 0
-    (trimem.numerics.rshift_round; s = 0 returns x)."""
+    (trimem.numerics.rshift_round; s = 0 returns x).
+
+    The half is built `len(x) + 1` bits wide: a shift past that leaves 0 for every x, and
+    Amaranth would otherwise widen `1 << s` by 2**len(s) - 1 bits.
+    """
     width = len(x) + 1
-    half = (Const(1, unsigned(width)) << s) >> 1
-    total = x.as_signed() + half if x.shape().signed else x + half
-    return total >> s
+    half = ((Const(1, unsigned(width)) << s) >> 1)[:width]
+    total = (x.as_signed() if x.shape().signed else x) + half
+    if isinstance(s, int) or (1 << len(s)) - 1 <= width:
+        return total >> s
+    return Mux(s > width, 0, total >> s)
 
 
 def saturate(x, bits: int):
@@ -95,13 +111,14 @@ def encode_amax(m, amax, name: str = "code"):
     top = Signal(len(amax), name=f"{name}_top")
     m.d.comb += top.eq(Mux(amax == 0, 1, amax))
     length = bit_length(m, top, f"{name}_len")
-    exp = Signal(EXP_BITS, name=f"{name}_exp0")
+    exp = Signal(ROW_EXP, name=f"{name}_exp0")
     m.d.comb += exp.eq(Mux(length > SCALE_MANT_BITS, length - SCALE_MANT_BITS, 0))
     rounded = Signal(SCALE_MANT_BITS + 1, name=f"{name}_rounded")
-    m.d.comb += rounded.eq((top + (Const(1, len(amax)) << exp) - 1) >> exp)
+    step = (Const(1, len(amax) + 1) << exp)[:len(amax) + 1]
+    m.d.comb += rounded.eq((top + step - 1) >> exp)
     carry = rounded[SCALE_MANT_BITS]
     mant = Signal(SCALE_MANT_BITS, name=f"{name}_mant")
-    final_exp = Signal(EXP_BITS, name=f"{name}_exp")
+    final_exp = Signal(ROW_EXP, name=f"{name}_exp")
     m.d.comb += [mant.eq(rounded >> carry), final_exp.eq(exp + carry)]
     return mant, final_exp
 
@@ -190,7 +207,7 @@ class VectorUnit(wiring.Component):
 
         # -- AMAX: the row maximum, its scale code and reciprocal -----------------------------
         amax = Signal(FX_BITS + 1)
-        row_exp = Signal(EXP_BITS)
+        row_exp = Signal(ROW_EXP)
         chunk_max = Const(0, FX_BITS + 1)
         for i in range(lanes):
             mag = Mux(slot.a[i] < 0, -slot.a[i], slot.a[i])
@@ -211,10 +228,10 @@ class VectorUnit(wiring.Component):
 
         # -- stage 1: operands in -------------------------------------------------------------
         add1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
-        prod1 = Signal(data.ArrayLayout(signed(FX_BITS + RECIP_BITS + 1), lanes))
+        prod1 = Signal(data.ArrayLayout(signed(QUANT_BITS), lanes))
         a1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         b1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
-        n1 = Signal(data.ArrayLayout(unsigned(8), lanes))
+        n1 = Signal(data.ArrayLayout(EXP_WHOLE, lanes))
         rot_width = FX_BITS + ROPE_BITS
         cos1 = Signal(data.ArrayLayout(signed(rot_width), lanes))
         sin1 = Signal(data.ArrayLayout(signed(rot_width), lanes))
@@ -228,9 +245,8 @@ class VectorUnit(wiring.Component):
             mag = Mux(a < 0, -a, a)
             u = Signal(range(-special.EXP_INPUT_MIN + 1), name=f"u{i}")
             m.d.comb += u.eq(Mux(mag > -special.EXP_INPUT_MIN, -special.EXP_INPUT_MIN, mag))
-            v = Signal(32, name=f"v{i}")
-            m.d.comb += v.eq(rshift_round(u * special.LOG2E_MULT, special.LOG2E_SHIFT + ACT_FRAC
-                                          - special.EXP_LUT_BITS))
+            v = Signal(range(EXP_WHOLE.stop << special.EXP_LUT_BITS), name=f"v{i}")
+            m.d.comb += v.eq(rshift_round(u * special.LOG2E_MULT, EXP_SHIFT))
             m.d.comb += lut.addr.eq(v[:special.EXP_LUT_BITS])
             m.d.sync += [add1[i].eq(saturate(a + b, FX_BITS)), prod1[i].eq(a * recip_rd.data),
                          a1[i].eq(a), b1[i].eq(b), n1[i].eq(v >> special.EXP_LUT_BITS),

@@ -61,9 +61,28 @@ def gemm_steps(rng, fpga, nm: int, group_log2: int, a8, mant, exp, qw) -> tuple[
     value_step, index_step = length * qw.bits // 8, length * index_bits // 8
     gwin = group_window_bytes(length, fpga.nm_patterns)
     out = numerics.linear(a8, mant, exp, qw.w_eff, qw.mult, qw.shift)
-    garbage = lambda size: rng.integers(0, 256, size).tolist()  # noqa: E731
-    row_bytes = lambda part, ch, at, size: (  # noqa: E731
-        (rows[part][ch, at:at + size].tolist() + garbage(size))[:size])
+
+    def garbage(size: int) -> list:
+        return rng.integers(0, 256, size).tolist()
+
+    def row_bytes(part: str, ch: int, at: int, size: int) -> list:
+        """`size` bytes of channel `ch`'s row of a tile section from `at`, garbage past it."""
+        return (rows[part][ch, at:at + size].tolist() + garbage(size))[:size]
+
+    def share(ch: int, s: int) -> dict:
+        """Chain `ch`'s part of step `s`: garbage past the last channel (count masks it)."""
+        if ch >= n:
+            return {"values": int.from_bytes(bytes(garbage(length)), "little"),
+                    "indices": int.from_bytes(bytes(garbage(index_step)), "little"),
+                    "groups": garbage(gwin), "mult": int(qw.mult[0]), "shift": int(qw.shift[0])}
+        group_at = s * window >> group_log2 if group_log2 else 0
+        return {"values": int.from_bytes(bytes(row_bytes("values", ch, s * value_step, length)),
+                                         "little"),
+                "indices": int.from_bytes(bytes(row_bytes("indices", ch, s * index_step,
+                                                          index_step)), "little"),
+                "groups": row_bytes("groups", ch, group_at, gwin),
+                "mult": int(qw.mult[ch]), "shift": int(qw.shift[ch])}
+
     steps, results = [], []
     total = -(-kept // length)
     for t in range(a8.shape[0]):
@@ -71,31 +90,14 @@ def gemm_steps(rng, fpga, nm: int, group_log2: int, a8, mant, exp, qw) -> tuple[
         for j in range(0, n, chains):
             for s in range(total):
                 pos = s * window
-                shares = []
-                for c in range(chains):
-                    ch = j + c
-                    if ch >= n:
-                        shares.append({"values": int.from_bytes(bytes(garbage(length)), "little"),
-                                       "indices": int.from_bytes(bytes(garbage(index_step)),
-                                                                 "little"),
-                                       "groups": garbage(gwin), "mult": int(qw.mult[0]),
-                                       "shift": int(qw.shift[0])})
-                        continue
-                    values = row_bytes("values", ch, s * value_step, length)
-                    indices = row_bytes("indices", ch, s * index_step, index_step)
-                    gpos = pos >> group_log2 if group_log2 else 0
-                    shares.append({
-                        "values": int.from_bytes(bytes(values), "little"),
-                        "indices": int.from_bytes(bytes(indices), "little"),
-                        "groups": row_bytes("groups", ch, gpos, gwin),
-                        "mult": int(qw.mult[ch]), "shift": int(qw.shift[ch])})
                 steps.append(({"window": padded[pos:pos + window], "nm": nm,
                                "bits4": int(qw.bits == 4), "group_log2": group_log2,
                                "goff": pos & ((1 << group_log2) - 1) if group_log2 else 0,
                                "lanes": min(kept - s * length, length),
                                "mant": int(mant[t]), "exp": int(exp[t]),
                                "first": int(s == 0), "last": int(s == total - 1)},
-                              {"chain": shares, "count": min(n - j, chains)}))
+                              {"chain": [share(j + c, s) for c in range(chains)],
+                               "count": min(n - j, chains)}))
             results.append((out[t, j:j + chains].tolist(), len(steps) - 1))
     return steps, results
 

@@ -134,7 +134,7 @@ async def pim_matches_emulator(dut):
     await testbench.start(dut)
     load(dut, case, gbuf)
     cocotb.start_soon(serve(dut, pim, gbuf, pres))
-    issues = await testbench.run_to_halt(dut, case["cycles"])
+    issues = await testbench.run_to_halt(dut, testbench.cycle_limit(case["cycles"]))
     got = {r["name"]: bytes(pres[r["addr"]:r["addr"] + 4 * int(np.prod(r["shape"]))])
            for r in case["regions"]}
     testbench.finish(case, got, issues, int(dut.cycles.value), counters=case["counters"])

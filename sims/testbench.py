@@ -53,6 +53,9 @@ COMPONENTS = {c.name: c for c in (
     Component("pim", "pim", "trimem.sims.tb_pim",
               "PIM.GEMV streams on the PIM top (controller, banks, refresh)",
               {"depth": PROGRAM_DEPTH}),
+    Component("csd", "csd", "trimem.sims.tb_csd",
+              "CSD.ATTN streams on the CSD top (attention engine, flash pages)",
+              {"depth": PROGRAM_DEPTH}),
 )}
 """Testbenches by component name (`trimem sim COMPONENT`)."""
 
@@ -227,17 +230,21 @@ def now() -> int:
     return int(get_sim_time(unit="ns"))
 
 
-async def run_to_halt(dut, expected: int) -> list:
-    """Raise `run`, wait for `halted` (at most 4x the `expected` cycles plus 1000), and return
-    every instruction's issue cycle, counted from the first; fail when the top raises
-    `error`."""
+def cycle_limit(expected: int) -> int:
+    """Cycles a run may take before it is called hung: well past the emulator's `expected`."""
+    return 4 * expected + 1000
+
+
+async def run_to_halt(dut, limit: int) -> list:
+    """Raise `run`, wait for `halted` (at most `limit` cycles), and return every
+    instruction's issue cycle, counted from the first; fail when the top raises `error`."""
     import cocotb
     from cocotb.triggers import RisingEdge, with_timeout
 
     times: list = []
     watcher = cocotb.start_soon(watch_issues(dut, times))
     dut.run.value = 1
-    await with_timeout(RisingEdge(dut.halted), (4 * expected + 1000) * CLOCK_NS, "ns")
+    await with_timeout(RisingEdge(dut.halted), limit * CLOCK_NS, "ns")
     times.append(now())
     watcher.cancel()
     dut.run.value = 0
@@ -257,7 +264,7 @@ async def run_sram_top(dut, case: dict) -> tuple[dict, list, int]:
     await load_program(dut, [bytes.fromhex(w) for w in case["program"]])
     for _, addr, data in case["images"]:
         await write_sram(dut, addr, bytes.fromhex(data))
-    issues = await run_to_halt(dut, case["cycles"])
+    issues = await run_to_halt(dut, cycle_limit(case["cycles"]))
     got = {}
     for r in case["regions"]:
         nbytes = int(np.prod(r["shape"])) * np.dtype(r["dtype"]).itemsize

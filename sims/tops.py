@@ -18,12 +18,13 @@ from trimem import isa
 from trimem.sims import harness
 from trimem.sims.testbench import PROGRAM_DEPTH
 
-FETCH_CYCLES = 2
-"""Cycles from `run` rising to a front end's first issue (trimem.hdl.frontend.Frontend)."""
+FETCH_CYCLES = 1
+"""Cycles from the first cycle `run` is high to a front end's first issue: the cycle with
+`run` primes the front end, and its instruction memory already presents word 0."""
 SEEN = FETCH_CYCLES + 1
 """A front end's `pc` or `halted` changes on the edge that ends an issue cycle, so the run's
-sample of cycle `c` shows the issue of cycle `c - 1`; the stream's cycle 0 is FETCH_CYCLES
-cycles after `run` rises."""
+sample of cycle `c` shows the issue of cycle `c - 1`; the streams' cycle 0 is the run's cycle
+FETCH_CYCLES."""
 
 
 def hex_bytes(path, width: int, nbytes: int) -> bytes:

@@ -69,8 +69,8 @@ def test_split_words_of_the_wrong_width_are_rejected():
 
 def test_issue_cycles_count_from_the_streams_cycle_0_and_end_at_halt(small):
     top = tops.SystemTop(small)
-    events = [(3, "fe_mxu.pc", 1), (7, "fe_mxu.pc", 2), (5, "pim.frontend.halted", 1),
-              (9, "fe_mxu.halted", 0), (12, "fe_mxu.halted", 1)]
+    events = [(2, "fe_mxu.pc", 1), (6, "fe_mxu.pc", 2), (4, "pim.frontend.halted", 1),
+              (8, "fe_mxu.halted", 0), (11, "fe_mxu.halted", 1)]
     issues = top.issues(events)
     assert issues["MXU"] == [0, 4, 9]
     assert issues["PIM"] == [2] and issues["CSD"] == []

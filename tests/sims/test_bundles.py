@@ -1,0 +1,39 @@
+"""The co-simulation bundles: each runs on the emulator to its own expected outputs, and an
+entry no HDL top holds is refused with what it lacks."""
+import pytest
+
+from trimem import isa
+from trimem.bundle import Bundle, Entry, write_bundle
+from trimem.emulator.runner import run_bundle
+from trimem.sims import bundles, cosim, runner
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("make", [
+    lambda out: bundles.linear_bundle(out, nm=1, m=2, n=6, k=32),
+    lambda out: bundles.pim_bundle(out, m=2, n=4, k=96, repeat=2),
+    lambda out: bundles.attention_bundle(out, ctx=12, topk=3, splits=2),
+], ids=["linear", "pim", "attention"])
+def test_bundles_match_their_expected_outputs_on_the_emulator(make, tmp_path):
+    result = run_bundle(make(tmp_path / "b"))
+    assert result.report["outputs_match"] is True
+
+
+def test_a_linear_layer_that_overflows_the_sram_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^a \[64, 512, 1024\] GEMM needs \d+ bytes of SRAM but "
+                                         r"'trimem-small' has 65536; use a smaller shape$"):
+        bundles.linear_bundle(tmp_path / "b", m=64, n=512, k=1024)
+
+
+def test_an_entry_with_dma_names_what_has_no_rtl(tmp_path, small):
+    copy = isa.encode("DMA.COPY", src_space=isa.Space.HBM, src_addr=0,
+                      dst_space=isa.Space.SRAM, dst_addr=0, nbytes=64)
+    entry = Entry("e", "decode", {"dma": [copy, isa.encode("HALT")],
+                                  "mxu": [isa.encode("HALT")]})
+    path = write_bundle(Bundle({"name": "x"}, {"preset": small.name}, {}, {"e": entry}),
+                        tmp_path / "b")
+    with pytest.raises(runner.SimError, match=r"^entry 'e' runs streams \['dma', 'mxu'\] over "
+                                              r"spaces \[\]; no HDL top holds them all .*"
+                                              r"DMA, HBM and HOST have no RTL\)$"):
+        cosim.cosim(path)
