@@ -52,6 +52,11 @@ COMPONENTS = {
     "vpu_engine": lambda cfg: VpuEngine(cfg.fpga),
 }
 """Engine components reported on their own, beside the tops (all need an fpga section)."""
+CHECKS = {"chain_array": (check_mxu,), "mxu_engine": (check_mxu,), "mxu_top": (check_mxu,),
+          "vpu_engine": (check_vpu,), "vpu_top": (check_vpu,),
+          "system_top": (check_mxu, check_vpu)}
+"""The whole-engine limits each unit needs besides its own constructor's: a preset beyond
+them still emits and synthesises its frontend, one DSP chain and the vector lanes."""
 
 _CELLS = {
     "xilinx": (("lut", r"LUT[1-6]"), ("ff", r"FD[A-Z]*"), ("dsp", r"DSP48E2"),
@@ -93,22 +98,22 @@ def load_tops() -> dict:
 def units(cfg, names=None) -> dict:
     """Unit name -> factory(cfg) for `cfg`: the components and the tops it has engines for.
 
-    `names` picks units (ValueError listing the valid names for an unknown one).
+    `names` picks units (ValueError listing the valid names for an unknown one). The `CHECKS`
+    of the units picked run first: ValueError naming the limit a unit's config exceeds.
     """
     found = {}
     if cfg.fpga is not None:
-        check_mxu(cfg.fpga)
-        check_vpu(cfg.fpga)
         found.update(COMPONENTS)
     for name, factory in load_tops().items():
         if all(getattr(cfg, section) is not None for section in factory.engines):
             found[f"{name}_top"] = factory
-    if names is None:
-        return found
+    names = list(found) if names is None else names
     unknown = [n for n in names if n not in found]
     if unknown:
         raise ValueError(f"unknown unit(s) {', '.join(map(repr, unknown))} for {cfg.name!r}; "
                          f"use {', '.join(found)}")
+    for check in dict.fromkeys(c for n in names for c in CHECKS.get(n, ())):
+        check(cfg.fpga)
     return {n: found[n] for n in names}
 
 

@@ -1,23 +1,26 @@
-"""Testbench of the CSD top: CSD.ATTN decode attention in the drive, against the emulator.
+"""Testbench of the CSD top: CSD.KVAPP and CSD.ATTN in the drive against the emulator.
 
-A case holds two KV caches in FLASH (KV4 in groups of 8, a token per page slot; KV8 in groups of
-16, two pages per region) of random K and V, and a stream of CSD.ATTN over them: one and three
-query rows at different positions (each row masked to its own tokens), grouped-query heads (two
-query heads per kv head) and one head per kv head, one to three splits, and top-k off, below
-the context (pruned tokens) and above it (nothing pruned). Every output is compared bit for bit
-and every issue cycle exactly.
+`make_case` holds two KV caches in FLASH (KV4 in groups of 8, a token per page slot; KV8 in
+groups of 16, two pages per region) of random K and V, and a stream of CSD.ATTN over them: one
+and three query rows at different positions (each row masked to its own tokens), grouped-query
+heads (two query heads per kv head) and one head per kv head, one to three splits, and top-k
+off, below the context (pruned tokens) and above it (nothing pruned). `step_case` is one
+decode step on the drive: CSD.KVAPP appends the new token's K and V to a cache holding the
+earlier ones, then CSD.ATTN attends over all of them (with or without top-k). Every output and
+appended slot is compared bit for bit and every issue cycle exactly.
 
 The testbench loads the program behind the front end's port and serves CDRAM (reads a cycle
 after the address, writes at the edge) and the flash pages (a request taken while idle, the
 page's beats from `latency` cycles later, as `trimem.hdl.system.FlashPages` with the tR
-latency the system top gives it) from Python memories.
+latency the system top gives it) and the appends (`flash_wr`, at the edge) from Python
+memories.
 """
 from __future__ import annotations
 
 import cocotb
 import numpy as np
 
-from trimem import isa, numerics
+from trimem import isa, layout, numerics, timing
 from trimem.sims import runner, testbench
 from trimem.sims.bundles import kv_image
 from trimem.sims.diff import Region
@@ -35,10 +38,18 @@ SLOWDOWN = 50
 takes many more cycles than docs/timing.md's closed form (docs/sims.md)."""
 
 
-def make_case(seed: int, cfg) -> dict:
-    """The ATTNs on both caches, their operands, and the emulator's outputs and cycles."""
+def _drive(cfg) -> dict:
+    """What `serve` needs of the CSD config."""
     from trimem.dram import FlashTiming
 
+    csd = cfg.csd
+    return {"cdram_bytes": csd.dram_bytes, "flash_bytes": csd.capacity_bytes,
+            "page_bytes": csd.page_bytes, "beat": csd.engine_lanes,
+            "latency": max(2, FlashTiming(csd).read)}
+
+
+def make_case(seed: int, cfg) -> dict:
+    """The ATTNs on both caches, their operands, and the emulator's outputs and cycles."""
     rng = np.random.default_rng(seed)
     scale = 1 << numerics.ACT_FRAC
     kv_heads = max(a[2] for a in ATTNS)
@@ -67,15 +78,46 @@ def make_case(seed: int, cfg) -> dict:
             program.append(isa.encode("CSD.ATTN", **f))
             at = f["o_addr"] + q.nbytes
     case = testbench.emulator_case(cfg, isa.Engine.CSD, program, images, regions)
-    csd = cfg.csd
-    case["csd"] = {"cdram_bytes": csd.dram_bytes, "flash_bytes": csd.capacity_bytes,
-                   "page_bytes": csd.page_bytes, "beat": csd.engine_lanes,
-                   "latency": max(2, FlashTiming(csd).read)}
+    case["csd"] = _drive(cfg)
+    return case
+
+
+def step_case(cfg, *, topk: int, seed: int = 0, q_heads: int = 2, kv_heads: int = 1,
+              splits: int = 2) -> dict:
+    """One decode step at the cache's last position (its page fills and is programmed):
+    CSD.KVAPP of the token, then CSD.ATTN of one query row over every cached token."""
+    rng = np.random.default_rng(seed)
+    scale = 1 << numerics.ACT_FRAC
+    pos = (1 << CTX_LOG2) - 1
+    f = {"m": 1, "seq": 0, "layer": 0, "layers": 1, "kv_heads": kv_heads, "head_dim": HEAD_DIM,
+         "ctx_log2": CTX_LOG2, **CACHES[0]}
+    k, v = (rng.integers(-2 * scale, 2 * scale, (kv_heads, pos, HEAD_DIM)) for _ in range(2))
+    new_k, new_v, q = (rng.integers(-2 * scale, 2 * scale, (1, n * HEAD_DIM)).astype("<i4")
+                       for n in (kv_heads, kv_heads, q_heads))
+    at = {"k_addr": 0, "v_addr": new_k.nbytes, "q_addr": 2 * new_k.nbytes}
+    at["pos_addr"] = at["q_addr"] + q.nbytes
+    at["o_addr"] = at["pos_addr"] + 4
+    images = [("FLASH", *kv_image(cfg, f, k, v)), ("CDRAM", at["k_addr"], new_k.tobytes()),
+              ("CDRAM", at["v_addr"], new_v.tobytes()), ("CDRAM", at["q_addr"], q.tobytes()),
+              ("CDRAM", at["pos_addr"], np.array([pos], "<i4").tobytes())]
+    program = [isa.encode("CSD.KVAPP", **f, k_addr=at["k_addr"], v_addr=at["v_addr"],
+                          pos_addr=at["pos_addr"]),
+               isa.encode("CSD.ATTN", **f, q_heads=q_heads, splits=splits, topk=topk,
+                          q_addr=at["q_addr"], pos_addr=at["pos_addr"], o_addr=at["o_addr"])]
+    kv = timing.kv_layout(cfg, isa.Space.FLASH, f)
+    size = layout.kv_token_bytes(HEAD_DIM, kv["bits"], kv["group"])
+    regions = [Region(f"{kind}{h}", "FLASH",
+                      f["kv_base"] + layout.kv_offset(0, 0, h, kind, pos, **kv), "<u1", (size,),
+                      ("CSD", 0)) for kind in layout.KV_KINDS for h in range(kv_heads)]
+    regions.append(Region("o", "CDRAM", at["o_addr"], "<i4", (1, q_heads * HEAD_DIM),
+                          ("CSD", 1)))
+    case = testbench.emulator_case(cfg, isa.Engine.CSD, program, images, regions)
+    case["csd"] = _drive(cfg)
     return case
 
 
 async def serve(dut, csd: dict, cdram: bytearray, flash: bytearray) -> None:
-    """CDRAM and the flash pages at the top's ports, every cycle."""
+    """CDRAM, the flash pages and the appends at the top's ports, every cycle."""
     from cocotb.triggers import ReadOnly, RisingEdge
 
     beat, beats = csd["beat"], csd["page_bytes"] // csd["beat"]
@@ -89,12 +131,13 @@ async def serve(dut, csd: dict, cdram: bytearray, flash: bytearray) -> None:
             dut.i_page__payload.value = int.from_bytes(flash[at:at + beat], "little")
         await ReadOnly()
         addr = int(dut.cdram_rd__addr.value)
-        if int(dut.cdram_wr__en.value):
-            at, word, mask = (int(dut.cdram_wr__addr.value), int(dut.cdram_wr__data.value),
-                              int(dut.cdram_wr__mask.value))
-            for b in range(4):
-                if mask >> b & 1:
-                    cdram[at + b] = word >> (8 * b) & 0xFF
+        for port, memory in (("cdram_wr", cdram), ("flash_wr", flash)):
+            if int(getattr(dut, f"{port}__en").value):
+                at, word, mask = (int(getattr(dut, f"{port}__{name}").value)
+                                  for name in ("addr", "data", "mask"))
+                for b in range(4):
+                    if mask >> b & 1:
+                        memory[at + b] = word >> (8 * b) & 0xFF
         if state == "idle" and int(dut.o_page__valid.value):
             state, base, index, wait = "wait", int(dut.o_page__payload.value), 0, \
                 csd["latency"] - 2
@@ -110,7 +153,7 @@ async def serve(dut, csd: dict, cdram: bytearray, flash: bytearray) -> None:
 
 @cocotb.test()
 async def csd_matches_emulator(dut):
-    """Every output bit-exact, every issue cycle exact."""
+    """Every output and appended slot bit-exact, every issue cycle exact."""
     case = runner.load_case()
     csd = case["csd"]
     cdram, flash = bytearray(csd["cdram_bytes"]), bytearray(csd["flash_bytes"])
@@ -125,6 +168,7 @@ async def csd_matches_emulator(dut):
         imem[i].value = int.from_bytes(bytes.fromhex(word), "little")
     cocotb.start_soon(serve(dut, csd, cdram, flash))
     issues = await testbench.run_to_halt(dut, SLOWDOWN * testbench.cycle_limit(case["cycles"]))
-    got = {r["name"]: bytes(cdram[r["addr"]:r["addr"] + 4 * int(np.prod(r["shape"]))])
-           for r in case["regions"]}
+    memories = {"CDRAM": cdram, "FLASH": flash}
+    regions = [Region.from_dict(r) for r in case["regions"]]
+    got = {r.name: bytes(memories[r.space][r.addr:r.addr + r.nbytes]) for r in regions}
     testbench.finish(case, got, issues, int(dut.cycles.value))

@@ -14,7 +14,7 @@ from amaranth.sim import Simulator
 from trimem import isa, layout, numerics, special
 from trimem.config import load_config
 from trimem.hdl.attention import AttentionEngine, exp_fx
-from trimem.hdl.csd_top import CsdTop
+from trimem.hdl.csd_top import CsdTop, KvAppend
 from trimem.hdl.system import ByteRam, FlashPages
 
 pytestmark = pytest.mark.sim
@@ -164,16 +164,105 @@ def test_csd_attention_over_two_rows_equals_special_attention():
     assert np.array_equal(got["out"], case[3])
 
 
-def test_csd_kvapp_is_reported_as_not_built():
-    case = attention_case(positions=[2], q_heads=1, kv_heads=1, d=8, bits=8, group_log2=0,
-                          splits=1, topk=0)
-    fields = case[0]
-    kvapp = isa.encode("CSD.KVAPP", m=1, seq=0, layer=1, kv_heads=1, head_dim=8, k_addr=0,
-                       v_addr=0, pos_addr=1024, kv_base=0, layers=2, ctx_log2=5, kv_bits=8,
-                       kv_group_log2=0)
-    got = run_csd((fields, case[1], case[2], case[3]), extra=[kvapp])
+# ---- CSD.KVAPP ---------------------------------------------------------------------------
+
+class AppendBench(Elaboratable):
+    """A CSD top with CDRAM and a byte-addressed flash that takes its appends."""
+
+    def __init__(self, program, cdram, flash_bytes):
+        self.top = CsdTop(CSD, program=program, **LIMITS)
+        self.cdram = ByteRam(4096, reads=(4,), writes=(4,), init=cdram)
+        self.flash = ByteRam(flash_bytes, reads=(4,), writes=(4,), addr_bits=40)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.top, m.submodules.cdram, m.submodules.flash = \
+            self.top, self.cdram, self.flash
+        wiring.connect(m, self.top.cdram_rd, self.cdram.read0)
+        wiring.connect(m, self.top.cdram_wr, self.cdram.write0)
+        wiring.connect(m, self.top.flash_wr, self.flash.write0)
+        return m
+
+
+def append_case(*, positions, kv_heads, d, bits, group_log2, seed=0, layers=2, layer=1,
+                ctx_log2=5):
+    """(CSD.KVAPP fields, CDRAM bytes, expected flash bytes) with extreme rows mixed in."""
+    rng = np.random.default_rng(seed)
+    m = len(positions)
+    k, v = (rng.integers(-3 << 16, 3 << 16, (m, kv_heads * d)).astype(np.int32)
+            for _ in range(2))
+    k[0, :d] = 0
+    k[-1, :2] = [numerics.INT32_MIN, numerics.INT32_MAX]
+    v[0, d - 1] = numerics.INT32_MIN
+    kv = dict(layers=layers, kv_heads=kv_heads, max_ctx=1 << ctx_log2, head_dim=d, bits=bits,
+              group=isa.group_size(group_log2, d), page_bytes=CSD.page_bytes)
+    flash = np.zeros(layout.kv_cache_bytes(1, **kv), np.uint8)
+    size = layout.kv_token_bytes(d, bits, kv["group"])
+    for kind, x in zip(layout.KV_KINDS, (k, v)):
+        q, g, mant, exp = numerics.quantize_kv(x.reshape(m, kv_heads, d), bits, kv["group"])
+        for t, p in enumerate(positions):
+            for h in range(kv_heads):
+                row = layout.pack_kv_tokens(q[t, h:h + 1], g[t, h:h + 1], mant[t, h:h + 1],
+                                            exp[t, h:h + 1], bits)
+                at = layout.kv_offset(0, layer, h, kind, p, **kv)
+                flash[at:at + size] = row[0]
+    cdram = np.zeros(4096, np.uint8)
+    cdram[:k.nbytes], cdram[1024:1024 + v.nbytes] = k.view(np.uint8).ravel(), \
+        v.view(np.uint8).ravel()
+    cdram[3072:3072 + 4 * m] = np.array(positions, "<i4").view(np.uint8)
+    fields = dict(m=m, seq=0, layer=layer, kv_heads=kv_heads, head_dim=d, k_addr=0,
+                  v_addr=1024, pos_addr=3072, kv_base=0, layers=layers, ctx_log2=ctx_log2,
+                  kv_bits=bits, kv_group_log2=group_log2)
+    return fields, cdram.tobytes(), flash
+
+
+def run_append(fields, cdram, nbytes):
+    """Run CSD.KVAPP then HALT; return (flash bytes, error)."""
+    program = [isa.encode("CSD.KVAPP", **fields), isa.encode("HALT")]
+    bench = AppendBench(program, cdram, nbytes)
+    got = {}
+
+    async def testbench(ctx):
+        ctx.set(bench.top.run, 1)
+        cycles = 0
+        while not ctx.get(bench.top.halted):
+            await ctx.tick()
+            cycles += 1
+            assert cycles < 50_000, "the CSD stream never halted"
+        got["error"] = ctx.get(bench.top.error)
+        words = []
+        for at in range(0, nbytes, 4):
+            ctx.set(bench.flash.read0.addr, at)
+            await ctx.tick()
+            words.append(ctx.get(bench.flash.read0.data))
+        got["flash"] = np.array(words, "<u4").view(np.uint8)[:nbytes]
+
+    sim = Simulator(bench)
+    sim.add_clock(1e-8)
+    sim.add_testbench(testbench)
+    sim.run()
+    return got
+
+
+@pytest.mark.parametrize("shape", [
+    dict(positions=[0, 23, 31], kv_heads=2, d=16, bits=4, group_log2=3),
+    dict(positions=[5, 9], kv_heads=1, d=16, bits=8, group_log2=0, seed=1),
+    pytest.param(dict(positions=[1, 2, 30], kv_heads=2, d=32, bits=8, group_log2=1, seed=2),
+                 marks=pytest.mark.slow),
+], ids=["kv4-groups-of-8", "kv8-whole-head", "kv8-pairs"])
+def test_csd_kvapp_writes_the_emulators_packed_tokens_into_their_page_slots(shape):
+    fields, cdram, expect = append_case(**shape)
+    got = run_append(fields, cdram, expect.size)
+    assert not got["error"]
+    assert np.array_equal(got["flash"], expect)
+
+
+def test_csd_kvapp_of_a_head_beyond_the_buffers_sets_error_and_writes_nothing():
+    fields, cdram, _ = append_case(positions=[3], kv_heads=1, d=16, bits=8, group_log2=0)
+    fields["head_dim"] = 2 * LIMITS["max_head_dim"]
+    got = run_append(fields, cdram, 1024)
     assert got["error"] == 1
-    assert np.array_equal(got["out"], case[3])
+    assert not got["flash"].any()
 
 
 # ---- building ----------------------------------------------------------------------------
@@ -195,6 +284,12 @@ def test_buffers_too_big_to_build_are_rejected_with_the_fix():
     rejects(r"^these buffer sizes need \d+ bits, more than the \d+ an RTL build may hold; "
             r"lower max_ctx",
             lambda: AttentionEngine(CSD, max_ctx=1 << 17, max_head_dim=256, max_heads=255))
+
+
+@pytest.mark.unit
+def test_a_kv_append_head_limit_outside_the_supported_range_is_rejected():
+    rejects(r"^max_head_dim must be an int in \[2, \d+\], got 1$",
+            lambda: KvAppend(max_head_dim=1))
 
 
 @pytest.mark.unit

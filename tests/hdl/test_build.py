@@ -10,7 +10,7 @@ from amaranth.hdl import Fragment, UnusedElaboratable
 
 from trimem.config import load_config
 from trimem.hdl import build, cli
-from trimem.hdl.dsp_chain import DspChain
+from trimem.hdl.dsp_chain import DspChain, Requant
 
 SMALL = load_config("trimem-small")
 FAST_UNITS = ["frontend", "dsp_chain"]
@@ -51,6 +51,23 @@ def test_a_preset_beyond_simulation_sizes_is_rejected_before_anything_is_built()
         warnings.simplefilter("ignore", UnusedElaboratable)
         with pytest.raises(ValueError, match=r"^192 chains x 32 = 6144 DSPs exceeds the 1024"):
             build.units(load_config("flightllm-u280"))
+        gc.collect()
+
+
+@pytest.mark.unit
+def test_a_preset_beyond_simulation_sizes_still_emits_its_frontend_and_one_chain(tmp_path):
+    big = load_config("flightllm-u280")
+    paths = build.emit_verilog(big, tmp_path, FAST_UNITS)
+    assert [p.name for p in paths] == ["frontend.v", "dsp_chain.v"]
+    assert "module dsp_chain(" in paths[1].read_text()
+
+
+@pytest.mark.unit
+def test_picking_a_unit_of_a_preset_beyond_its_limits_names_the_limit():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(ValueError, match=r"^sram_bytes = \d+ exceeds the 1048576 bytes"):
+            build.units(load_config("flightllm-u280"), ["frontend", "vpu_engine"])
         gc.collect()
 
 
@@ -108,6 +125,16 @@ def test_synth_xilinx_maps_a_chain_to_one_dsp_per_stage(tmp_path):
     length = SMALL.fpga.chain_length
     row = build.synth_unit(DspChain(length), "dsp_chain", "xilinx", tmp_path)
     assert row["dsp"] == length
+
+
+@pytest.mark.slow
+@needs_yosys
+def test_synth_xilinx_maps_the_chain_array_to_one_dsp_per_mac_and_its_requant_units(tmp_path):
+    fpga = SMALL.fpga
+    row = build.synthesize(SMALL, tmp_path, "xilinx", ["chain_array"])[0]
+    requant = build.synth_unit(Requant(), "requant", "xilinx", tmp_path)["dsp"]
+    assert requant > 0
+    assert row["dsp"] == fpga.dsp_chains * (fpga.chain_length + requant)
 
 
 @pytest.mark.slow
