@@ -72,7 +72,8 @@ def test_keeping_decode_values_on_chip_saves_their_hbm_round_trips():
 
 def test_interleaving_and_dual_row_buffers_raise_batched_decode_throughput():
     def tokens_per_s(dual, interleave):
-        return neupims.npu_pim("neupims", SMALL, "w8a8kv8", 16, 64, dual, interleave, None)
+        return neupims.npu_pim("neupims", SMALL, "w8a8kv8", 16, 64, dual, interleave,
+                               neupims.PIM)
 
     naive, best = tokens_per_s(False, False), tokens_per_s(True, True)
     assert best > 1.05 * naive
