@@ -343,3 +343,23 @@ def test_embedding_lookup_is_bit_exact_in_torch_and_close_to_the_table():
 def test_ops_table_lists_the_runtime_functions():
     assert nu.OPS["linear"] is nu.linear and nu.OPS["quantize_kv"] is nu.quantize_kv
     assert all(callable(fn) for fn in nu.OPS.values())
+
+
+@pytest.mark.parametrize("a_max,b_max,k", [(127, 127, 4096), (1 << 31, 1 << 15, 256),
+                                           (1 << 40, 1 << 12, 5), (1 << 50, 1 << 10, 3)],
+                         ids=["one-chunk", "chunks-of-128", "chunks-of-2", "int64-fallback"])
+def test_exact_matmul_equals_python_integers_in_numpy_and_torch(a_max, b_max, k):
+    """float64 BLAS in chunks of K must give exactly the integer products and sums."""
+    from trimem import xp
+
+    rng = np.random.default_rng(k)
+    a = rng.integers(-a_max, a_max, (3, k), dtype=np.int64, endpoint=True)
+    b = rng.integers(-b_max, b_max, (k, 2), dtype=np.int64, endpoint=True)
+    a[0, :] = a_max
+    b[:, 0] = b_max
+    exact = np.array([[sum(int(x) * int(y) for x, y in zip(row, col)) for col in b.T]
+                      for row in a], dtype=object)
+    wrapped = ((exact + (1 << 63)) % (1 << 64) - (1 << 63)).astype(np.int64)
+    np.testing.assert_array_equal(xp.NUMPY.matmul_exact(a, b), wrapped)
+    np.testing.assert_array_equal(xp.TORCH.matmul_exact(torch.as_tensor(a), torch.as_tensor(b))
+                                  .numpy(), wrapped)
