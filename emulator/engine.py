@@ -60,6 +60,9 @@ class Memory:
         self.name = name
         self.capacity = capacity
         self.chunks: dict[int, np.ndarray] = {}
+        self.derived: dict = {}
+        """Values engines computed from this memory's bytes (unpacked PIM weights), kept until
+        the next write; the memory outlives machines, so later runs reuse them."""
 
     def check(self, addr: int, nbytes: int) -> None:
         """Raise EmulatorError unless [addr, addr + nbytes) lies inside the space."""
@@ -92,11 +95,28 @@ class Memory:
                 out[at:at + length] = chunk[offset:offset + length]
         return out
 
+    def gather(self, addrs, nbytes: int) -> np.ndarray:
+        """Copies of `nbytes` bytes at each of `addrs`, as uint8 [len(addrs), nbytes]; a range
+        inside one chunk is a slice of it, so many small reads cost one copy each."""
+        addrs = [int(a) for a in addrs]
+        out = np.zeros((len(addrs), nbytes), np.uint8)
+        for row, addr in zip(out, addrs):
+            self.check(addr, nbytes)
+            index, offset = divmod(addr, CHUNK_BYTES)
+            if offset + nbytes <= CHUNK_BYTES:
+                chunk = self.chunks.get(index)
+                if chunk is not None:
+                    row[:] = chunk[offset:offset + nbytes]
+            else:
+                row[:] = self.read(addr, nbytes)
+        return out
+
     def write(self, addr: int, data) -> None:
         """Store the bytes of `data` (bytes or any numpy array, taken as raw bytes) at `addr`."""
         data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) \
             else np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         self.check(addr, data.size)
+        self.derived.clear()
         for index, offset, at, length in self._spans(addr, data.size):
             chunk = self.chunks.get(index)
             if chunk is None:

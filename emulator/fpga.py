@@ -13,6 +13,7 @@ import functools
 import numpy as np
 
 from trimem import isa, layout, numerics, special, timing
+from trimem.emulator import weights
 from trimem.emulator.engine import EmulatorError, EngineModel
 
 SRAM, HBM = isa.Space.SRAM, isa.Space.HBM
@@ -203,8 +204,8 @@ class MxuEngine(FpgaEngine):
         if not self.machine.timing_only:
             a8 = layout.unpack_a8_rows(sram.read(f["a_addr"], m * k), k)
             mant, exp = layout.unpack_scale_codes(sram.read(f["s_addr"], m * SCALES))
-            w = layout.unpack_weight_tile(sram.read(f["w_addr"], tile_bytes), n, k, f["bits"],
-                                          nm, group)
+            w = weights.TILES.unpack(sram.read(f["w_addr"], tile_bytes), n, k, f["bits"], nm,
+                                     group)
             out = numerics.linear(a8, mant, exp, w.w_eff, w.mult, w.shift)
             sram.write(f["o_addr"], layout.pack_fx_rows(out))
         return start + cycles

@@ -21,6 +21,7 @@ import numpy as np
 
 from trimem import dram, isa, layout, numerics
 from trimem.dram import COMMAND_GAP, COUNTERS, FOREVER, NEVER, Cmd, Scope
+from trimem.emulator import weights
 from trimem.emulator.engine import EmulatorError, EngineModel
 
 GBUF, PRES, PIMDRAM = isa.Space.GBUF, isa.Space.PRES, isa.Space.PIMDRAM
@@ -266,30 +267,61 @@ class PimEngine(EngineModel):
                             + result_bytes * pim.energy_pj_per_byte)
 
     def _compute(self, f: dict, shape: dram.GemvShape, nm: tuple[int, int]) -> None:
-        """Each bank's tile from PIMDRAM, its channel's inputs from GBUF, outputs to PRES."""
+        """Each bank's tile from PIMDRAM, its channel's inputs from GBUF, outputs to PRES.
+
+        Unit u (bank b of the i-th selected channel, u = i * banks + b) holds output channels
+        u, u + units, ...; the weights of every unit are unpacked together (`_weights`), and
+        channels whose global buffers hold the same inputs share their `numerics.linear`.
+        """
         pim, machine = self.pim, self.machine
-        gbuf, dram_mem = machine.memory(GBUF), machine.memory(PIMDRAM)
-        m, n, k, bits = f["m"], f["n"], f["k"], f["bits"]
-        group = isa.group_size(f["group_log2"], k)
+        gbuf = machine.memory(GBUF)
+        m, n, k = f["m"], f["n"], f["k"]
+        parts = self._weights(f, shape, nm)
         banks = pim.banks_per_channel
-        out = np.zeros((m, n), np.int32)
+        inputs: dict[bytes, list] = {}
         for i, c in enumerate(shape.channels):
             base = c * pim.gbuf_bytes
-            a8 = layout.unpack_a8_rows(gbuf.read(base + f["x_addr"], m * k), k)
-            mant, exp = layout.unpack_scale_codes(
-                gbuf.read(base + f["s_addr"], m * layout.SCALE_CODE_BYTES))
-            cols, tiles = [], []
-            for b in range(banks):
-                mine = np.arange(i * banks + b, n, shape.units)
-                if mine.size:
-                    nbytes = layout.weight_tile_bytes(mine.size, k, bits, nm, group)
-                    addr = (c * banks + b) * pim.bank_bytes + f["w_addr"]
-                    tiles.append(layout.unpack_weight_tile(dram_mem.read(addr, nbytes),
-                                                           mine.size, k, bits, nm, group))
-                    cols.append(mine)
-            if tiles:
-                w_eff = np.concatenate([w.w_eff for w in tiles])
-                mult = np.concatenate([w.mult for w in tiles])
-                shift = np.concatenate([w.shift for w in tiles])
-                out[:, np.concatenate(cols)] = numerics.linear(a8, mant, exp, w_eff, mult, shift)
+            raw = np.concatenate([gbuf.read(base + f["x_addr"], m * k),
+                                  gbuf.read(base + f["s_addr"], m * layout.SCALE_CODE_BYTES)])
+            inputs.setdefault(raw.tobytes(), []).append(i)
+        out = np.zeros((m, n), np.int32)
+        for raw, chosen in inputs.items():
+            buf = np.frombuffer(raw, np.uint8)
+            a8 = layout.unpack_a8_rows(buf[:m * k], k)
+            mant, exp = layout.unpack_scale_codes(buf[m * k:])
+            for w, cols in parts:
+                if len(inputs) > 1:
+                    rows = np.flatnonzero(np.isin(cols % shape.units // banks, chosen))
+                    w, cols = w.take(rows), cols[rows]
+                out[:, cols] = numerics.linear(a8, mant, exp, w.w_eff, w.mult, w.shift)
         machine.memory(PRES).write(f["o_addr"], layout.pack_fx_rows(out))
+
+    def _weights(self, f: dict, shape: dram.GemvShape, nm: tuple[int, int]) -> list:
+        """(Unpacked rows, the output channel of each row) per tile height: the units whose
+        tiles have that many rows are read with one gather and unpacked as one merged tile.
+        Kept with PIMDRAM until it is next written, so later steps skip even the reads."""
+        dram_mem = self.machine.memory(PIMDRAM)
+        n, k, bits = f["n"], f["k"], f["bits"]
+        key = ("PIM.GEMV", f["w_addr"], n, k, bits, nm, f["group_log2"], shape.channels)
+        parts = dram_mem.derived.get(key)
+        if parts is None:
+            parts = dram_mem.derived[key] = self._unpack(f, shape, nm, dram_mem)
+        return parts
+
+    def _unpack(self, f: dict, shape: dram.GemvShape, nm: tuple[int, int], dram_mem) -> list:
+        pim, n, k, bits = self.pim, f["n"], f["k"], f["bits"]
+        group = isa.group_size(f["group_log2"], k)
+        banks, units = pim.banks_per_channel, shape.units
+        unit = np.arange(units)
+        bank = np.array(shape.channels).repeat(banks) * banks + unit % banks
+        height = (n - unit + units - 1) // units
+        parts = []
+        for rows in np.unique(height).tolist():
+            mine = np.flatnonzero(height == rows)
+            nbytes = layout.weight_tile_bytes(rows, k, bits, nm, group)
+            tiles = dram_mem.gather(bank[mine] * pim.bank_bytes + f["w_addr"], nbytes)
+            merged = weights.merge_tiles(tiles, rows, k, bits, nm, group)
+            cols = (mine[:, None] + units * np.arange(rows)).reshape(-1)
+            parts.append((weights.TILES.unpack(merged, len(mine) * rows, k, bits, nm, group),
+                          cols))
+        return parts

@@ -188,6 +188,8 @@ class Sequence:
     generated : every token sampled so far.
     next_token : the token the next decode step feeds.
     finish_reason : None while running, then "length", "stop" or "removed".
+    keep : once finished, hold the slot and KV cache until `Session.remove`, so that a
+        `prefill` can feed it more (a next turn, or a rewind with `at`).
     """
     id: int
     prompt: list
@@ -195,6 +197,7 @@ class Sequence:
     temperature: float
     rng: np.random.Generator
     stop: tuple
+    keep: bool = False
     slot: int | None = None
     length: int = 0
     fed: list = field(default_factory=list)
@@ -245,7 +248,7 @@ class StepResult:
     logits : sequence id -> fx int32 [rows, vocab] of the rows it fed.
     tokens : sequence id -> the tokens sampled for it (two for a sequence that joined: one
         after its prefill, one after the decode step).
-    finished : ids of the sequences that finished (and left) in this call.
+    finished : ids of the sequences that finished in this call (they left, unless kept).
     metrics : the call's Metrics (all sequences).
     """
     logits: dict
@@ -452,11 +455,13 @@ class Session:
 
     # -- sequences ---------------------------------------------------------------------------
 
-    def add(self, prompt, max_new_tokens=16, temperature=0.0, seed=None, stop=None) -> Sequence:
+    def add(self, prompt, max_new_tokens=16, temperature=0.0, seed=None, stop=None,
+            keep=False) -> Sequence:
         """Queue a sequence; it joins a free slot and is prefilled at the next `step`.
 
         `stop` is a collection of token ids that end it (default: the tokenizer's EOS when a
-        tokenizer is loaded).
+        tokenizer is loaded). With `keep` it holds its slot and KV cache after it finishes,
+        until `remove`.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {max_new_tokens!r} must be a positive integer")
@@ -467,7 +472,8 @@ class Session:
             eos = getattr(self._tokenizer, "eos_token_id", None)
             stop = () if eos is None else (eos,)
         seq = Sequence(self._ids, ids, max_new_tokens, float(temperature),
-                       np.random.default_rng(seed), tuple(stop), joined_s=self.clock_s)
+                       np.random.default_rng(seed), tuple(stop), bool(keep),
+                       joined_s=self.clock_s)
         self._ids += 1
         self.sequences[seq.id] = seq
         self.waiting.append(seq)
@@ -565,15 +571,23 @@ class Session:
 
     def _result(self, logits, tokens, finished, first: int) -> StepResult:
         for seq_id in finished:
-            self._leave(self.sequences[seq_id])
+            seq = self.sequences[seq_id]
+            if not seq.keep:
+                self._leave(seq)
         return StepResult(logits, tokens, finished, summarize(self.records[first:]))
 
-    def prefill(self, ids, seq: Sequence | None = None) -> StepResult:
+    def prefill(self, ids, seq: Sequence | None = None, *, at: int | None = None) -> StepResult:
         """Feed prompt tokens: to a new sequence (it takes a free slot now) or to `seq`.
 
-        The result holds the logits of every fed row, and the token sampled from the last.
+        With `at`, `seq` first forgets its tokens from position `at` on and `ids` go there
+        (a rollback, as speculative decoding does): those cache positions are written again
+        before any row reads them, since every row appends its K and V before its attention
+        reads the cache. The result holds the logits of every fed row, and the token sampled
+        from the last.
         """
         first = len(self.records)
+        if seq is None and at is not None:
+            raise ValueError(f"at {at!r} rewinds a sequence, and none was given; pass seq=")
         if seq is None:
             seq = self.add(ids)
             self.waiting.remove(seq)
@@ -581,16 +595,29 @@ class Session:
             ids = seq.prompt
         else:
             ids = self.encode(ids)
+            if seq.slot is None:
+                raise ValueError(f"sequence {seq.id} holds no slot; prefill a new sequence, "
+                                 "or add it with keep=True to feed it after it finishes")
+            if at is not None:
+                self._rewind(seq, at)
         logits = self._prefill_chunks(seq, ids)
         token = seq.take(logits, self.clock_s)
         finished = [seq.id] if seq.finished else []
         return self._result({seq.id: logits}, {seq.id: [token]}, finished, first)
 
+    def _rewind(self, seq: Sequence, at: int) -> None:
+        if not isinstance(at, int) or not 0 <= at <= seq.length:
+            raise ValueError(f"at {at!r} must be a position in [0, {seq.length}], the tokens "
+                             f"sequence {seq.id} holds")
+        seq.length = at
+        del seq.fed[at:]
+
     def decode_step(self, tokens: dict | None = None) -> StepResult:
         """One decode step of every running sequence, feeding tokens[seq id] or its sampled
         next token; samples the next token of each."""
         first = len(self.records)
-        feed = {s.id: s.next_token for s in self.running() if s.next_token is not None}
+        feed = {s.id: s.next_token for s in self.running()
+                if s.next_token is not None and not s.finished}
         unknown = set(tokens or {}) - {s.id for s in self.running()}
         if unknown:
             raise ValueError(f"sequences {sorted(unknown)!r} are not running; feed tokens "
@@ -608,6 +635,7 @@ class Session:
         one decode step runs for every sequence still generating; finished ones leave."""
         first = len(self.records)
         logits, tokens = {}, {}
+        done = {s.id for s in self.running() if s.finished}
         while self.waiting and None in self.slots:
             seq = self.waiting.pop(0)
             self._admit(seq)
@@ -618,7 +646,7 @@ class Session:
             for sid, row in self._decode(going).items():
                 logits[sid] = np.concatenate([logits[sid], row]) if sid in logits else row
                 tokens.setdefault(sid, []).append(self.sequences[sid].take(row, self.clock_s))
-        finished = [s.id for s in self.running() if s.finished]
+        finished = [s.id for s in self.running() if s.finished and s.id not in done]
         return self._result(logits, tokens, finished, first)
 
     # -- generation --------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """`trimem demo`: buckets, the engine table and verdict, errors; the whole demo on SmolLM2."""
 import re
 
+import numpy as np
 import pytest
 
 from trimem.host import cli
-from trimem.host.demo import demo_buckets, engine_table, run_demo, verdict
-from trimem.host.session import Metrics
+from trimem.host.demo import demo_buckets, engine_table, run_demo, teacher_forced, verdict
+from trimem.host.session import Metrics, Session, TokenStream
+
+PROMPT = [3, 17, 99, 5, 200]
 
 
 @pytest.mark.unit
@@ -30,6 +33,21 @@ def test_verdict_names_the_bottleneck_and_what_it_does():
     assert line == ("verdict: each decode token takes 5.000 ms of simulated time; PIM is the "
                     "bottleneck, busy 60% of it (decode linears (GEMV) streamed through the "
                     "DRAM banks), then DMA at 20%.")
+
+
+@pytest.mark.unit
+def test_teacher_forcing_reuses_the_agreeing_steps_and_equals_a_fresh_prefill(tiny_llama):
+    bundle = Session(tiny_llama, hw="flightllm-u280", buckets="prefill:8@64,decode:1@64").bundle
+    for same in (0, 2, 4):
+        session = Session(bundle=bundle)
+        seq = session.add(PROMPT, 4, stop=(), keep=True)
+        generated = list(TokenStream(session, seq))
+        cont = generated[:same] + [(t + 1) % 256 for t in generated[same:]]
+        runs = len(session.records)
+        top = teacher_forced(session, seq, PROMPT, cont, same)
+        (logits,) = Session(bundle=bundle).prefill(PROMPT + cont).logits.values()
+        np.testing.assert_array_equal(top, logits[len(PROMPT) - 1:-1].argmax(-1))
+        assert len(session.records) == runs + (same < len(cont) - 1)
 
 
 @pytest.mark.unit

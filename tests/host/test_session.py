@@ -5,7 +5,7 @@ import pytest
 from trimem import isa
 from trimem.bundle import write_bundle
 from trimem.host.backends import BACKENDS, KV_INSTRUCTIONS, get_backend, retarget
-from trimem.host.session import Bucket, Session, pick_decode, pick_prefill
+from trimem.host.session import Bucket, Session, TokenStream, pick_decode, pick_prefill
 
 pytestmark = pytest.mark.unit
 
@@ -15,9 +15,10 @@ LONG = list(range(40, 51))
 """Longer than the 8-row prefill bucket: prefilled in two chunks."""
 
 
-def pair(model, hw):
+def pair(model, hw, placement=None):
     """(emulator session, torch session) over one bundle of `model` for `hw`."""
-    emu = Session(model, hw=hw, backend="emulator", buckets=BUCKETS)
+    emu = Session(model, hw=hw, backend="emulator", buckets=BUCKETS,
+                  compile_options={"placement": placement})
     return emu, Session(model, backend="torch", bundle=emu.bundle, device="cpu")
 
 
@@ -29,9 +30,10 @@ def sessions(tiny_llama):
 
 @pytest.fixture(scope="module")
 def all_sessions(tiny_llama):
-    """The tiny LLaMA on the three-engine machine: linears in the PIM banks, KV cache and
-    attention in the CSD (slower to emulate, so fewer tests run on it)."""
-    return pair(tiny_llama, "trimem-all")
+    """The tiny LLaMA on the three-engine machine: linears in the PIM banks (placed there, as
+    the roofline may prefer the MXU for so small a model), KV cache and attention in the CSD
+    (slower to emulate, so fewer tests run on it)."""
+    return pair(tiny_llama, "trimem-all", {"linear": "pim"})
 
 
 def fresh(session, backend=None):
@@ -109,6 +111,46 @@ def test_decode_step_feeds_the_given_token(sessions):
     lb = b.decode_step({seq_id: 42}).logits[seq_id]
     np.testing.assert_array_equal(la, lb)
     assert a.sequences[seq_id].fed == PROMPT + [42]
+
+
+def test_rewound_sequence_gives_the_logits_of_a_fresh_one(sessions):
+    for backend in sessions:
+        session = fresh(backend)
+        (seq,) = (session.sequences[i] for i in session.prefill(PROMPT + [7, 8, 9]).logits)
+        got = session.prefill([11, 12], seq, at=len(PROMPT) + 1).logits[seq.id]
+        (want,) = fresh(backend).prefill(PROMPT + [7, 11, 12]).logits.values()
+        np.testing.assert_array_equal(got, want[-2:])
+        assert seq.fed == PROMPT + [7, 11, 12] and seq.length == len(PROMPT) + 3
+
+
+def test_kept_sequence_holds_its_slot_after_finishing_until_removed(sessions):
+    emu, _ = sessions
+    session = fresh(emu)
+    seq = session.add(PROMPT, 3, keep=True)
+    tokens = list(TokenStream(session, seq))
+    assert tokens == fresh(emu).generate(PROMPT, 3).ids
+    assert seq.finished and seq.slot == 0 and session.running() == [seq]
+    got = session.prefill([5], seq).logits[seq.id]
+    (want,) = fresh(emu).prefill(PROMPT + tokens[:2] + [5]).logits.values()
+    np.testing.assert_array_equal(got, want[-1:])
+    session.remove(seq)
+    assert seq.slot is None and session.running() == []
+
+
+def test_bad_rewinds_are_rejected_with_the_fix(sessions):
+    emu, _ = sessions
+    session = fresh(emu)
+    (seq,) = (session.sequences[i] for i in session.prefill(PROMPT).logits)
+    with pytest.raises(ValueError, match=r"^at 6 must be a position in \[0, 5\], the tokens "
+                                         r"sequence 0 holds$"):
+        session.prefill([1], seq, at=6)
+    with pytest.raises(ValueError, match=r"^at 2 rewinds a sequence, and none was given; "
+                                         r"pass seq=$"):
+        session.prefill([1], at=2)
+    session.remove(seq)
+    with pytest.raises(ValueError, match=r"^sequence 0 holds no slot; prefill a new sequence, "
+                                         r"or add it with keep=True"):
+        session.prefill([1], seq)
 
 
 # ---- continuous batching -------------------------------------------------------------------
