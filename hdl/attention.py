@@ -13,13 +13,14 @@ computes them:
    `importance << MAX_CONTEXT_BITS | (MAX_CONTEXT - 1 - t)` one key bit per pass, and only
    tokens at or above it are kept;
 4. per split of ceil-sized contiguous chunks: the split's max logit, then `l = sum exp_fx(x -
-   max)`, then the V pages of its kept tokens only, each dequantized (`kv_dequant`) and added
-   with weight `p = round(e * 2**PROB_FRAC / l)` into int64 accumulators: the partial
-   (o, max, l) of `special.partial`;
+   max)`, then its V pages, each kept token dequantized (`kv_dequant`) and added with weight
+   `p = round(e * 2**PROB_FRAC / l)` into int64 accumulators: the partial (o, max, l) of
+   `special.partial`;
 5. the `special.merge` of the partials, written to the output.
 
-Cycle counts are those of this sequential datapath (docs/hdl_pim_csd.md), not yet the closed
-form of docs/timing.md ("CSD"); numerics are bit for bit.
+The steps run one after another with one page in flight, and every V page of the context is
+read whether or not it holds a kept token, so a job's cycles depend on its shape and position
+only: they are `attn_cycles` of docs/timing.md ("CSD") exactly; numerics are bit for bit.
 """
 from __future__ import annotations
 
@@ -389,9 +390,14 @@ class AttentionEngine(wiring.Component):
 
             # ---- fetching one token (K or V): page, group multipliers, scale, ints --------
             with m.State("TOKEN"):
+                m.d.comb += imp_r.addr.eq(token)
                 with m.If(loaded_ok & (loaded == Cat(page_no, phase_v))):
-                    m.d.sync += elem.eq(0)
-                    m.next = "GROUPS"
+                    with m.If(phase_v & ~kept):
+                        m.d.sync += token.eq(token + 1)
+                        m.next = "V_NEXT"
+                    with m.Else():
+                        m.d.sync += elem.eq(0)
+                        m.next = "GROUPS"
                 with m.Else():
                     m.d.comb += self.o_page.valid.eq(1)
                     with m.If(self.o_page.ready):
@@ -402,9 +408,8 @@ class AttentionEngine(wiring.Component):
                 with m.If(self.i_page.valid):
                     m.d.sync += beats.eq(beats + 1)
                     with m.If(beats + 1 == csd.page_bytes // lanes):
-                        m.d.sync += [loaded.eq(Cat(page_no, phase_v)), loaded_ok.eq(1),
-                                     elem.eq(0)]
-                        m.next = "GROUPS"
+                        m.d.sync += [loaded.eq(Cat(page_no, phase_v)), loaded_ok.eq(1)]
+                        m.next = "TOKEN"
             with m.State("GROUPS"):
                 m.d.comb += page.read2.addr.eq(slot_offset + value_bytes + elem)
                 m.d.sync += groups[elem].eq(page.read2.data[:numerics.GROUP_SCALE_BITS])
@@ -533,7 +538,7 @@ class AttentionEngine(wiring.Component):
             with m.State("CLEAR"):
                 m.d.comb += [acc_w.addr.eq(head * chunks + chunk), acc_w.data.eq(0),
                              acc_w.en.eq(1)]
-                with m.If(chunk + 1 == chunks):
+                with m.If(chunk + 1 == n_chunks):
                     m.d.sync += chunk.eq(0)
                     with m.If(head + 1 == job.heads):
                         m.d.sync += [head.eq(0), token.eq(lo), phase_v.eq(1)]
@@ -543,15 +548,12 @@ class AttentionEngine(wiring.Component):
                 with m.Else():
                     m.d.sync += chunk.eq(chunk + 1)
             with m.State("V_NEXT"):
-                m.d.comb += imp_r.addr.eq(token)
                 with m.If(token >= hi):
                     m.d.sync += [head.eq(0), elem.eq(0)]
                     m.next = "PARTIAL"
-                with m.Elif(kept):
+                with m.Else():
                     m.d.sync += [slot.eq(token % job.tpp), page_no.eq(token // job.tpp)]
                     m.next = "TOKEN"
-                with m.Else():
-                    m.d.sync += token.eq(token + 1)
             with m.State("MIX"):
                 m.d.comb += [logit_r.addr.eq(head * tmax + token),
                              acc_r.addr.eq(head * chunks + chunk), vfx_r.addr.eq(chunk)]

@@ -6,10 +6,12 @@ position from CDRAM, works out the K and V regions of the head in FLASH with the
 `trimem.layout.kv_offset` (page size `csd.page_bytes`, the instruction's cache geometry), and
 hands the group of query heads that share the kv head to the engine. A CSD.KVAPP becomes one
 `KvAppend` job per (row, kind, kv head): the token row's fx values in CDRAM and its page slot
-in FLASH. An instruction ends when its last job does.
+in FLASH; a slot that fills its page then waits `FlashTiming.page_program` for the program. An
+instruction ends when its last job does.
 
-Cycles are those of these sequential datapaths, not the closed forms of docs/timing.md ("CSD"),
-which charge no fill, no drain and no softmax or top-k select (docs/hdl_pim_csd.md).
+This is the "sequential" engine of `csd.engine`, the only one built (a "streaming" config is
+refused). Cycles are exactly its closed forms in docs/timing.md ("CSD"), `attn_cycles` and
+`kvapp_cycles`, when the page port answers `FlashTiming.page_read` cycles after a request.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from amaranth.utils import bits_for, ceil_log2
 
 from trimem import isa, layout, numerics, special
 from trimem.config import CsdConfig, HardwareConfig
+from trimem.dram import FlashTiming
 from trimem.hdl.attention import (CDRAM_ADDR_BITS, FLASH_ADDR_BITS, AttentionEngine,
                                   page_request_layout)
 from trimem.hdl.frontend import (CYCLE_BITS, Frontend, read_signature, register_top,
@@ -68,7 +71,7 @@ class KvAppend(wiring.Component):
         `ready` while idle.
     cdram_rd : Out(read_signature(CDRAM_ADDR_BITS, 4))
     flash_wr : Out(write_signature(FLASH_ADDR_BITS, 4))
-        The page slot's bytes (the drive's write buffer; programs are the flash's business).
+        The page slot's bytes, into the drive's write buffer (the top waits for programs).
     error : Out(1)
         Sticky: a head_dim beyond `max_head_dim`, a group that does not divide it, bad bits.
     busy : Out(1)
@@ -246,6 +249,10 @@ class CsdTop(wiring.Component):
     def __init__(self, csd: CsdConfig, *, program=(), depth: int | None = None, **limits):
         if not isinstance(csd, CsdConfig):
             raise TypeError(f"csd must be a CsdConfig (HardwareConfig.csd), got {csd!r}")
+        if csd.engine != "sequential":
+            raise ValueError(f"csd.engine = {csd.engine!r} has no RTL: the CSD top builds the "
+                             f"sequential engine only; set csd.engine: sequential (as "
+                             f"trimem-small does) to build or co-simulate it")
         self.csd = csd
         self.engine = AttentionEngine(csd, **limits)
         self.append = KvAppend(max_head_dim=self.engine.max_head_dim)
@@ -321,6 +328,10 @@ class CsdTop(wiring.Component):
         page_index = Signal(32)
         m.d.comb += page_index.eq(pos // Mux(per_page == 0, 1, per_page))
         slot = pos - page_index * per_page
+        fills = Signal()
+        m.d.comb += fills.eq((slot + 1 == per_page) | (pos + 1 == max_ctx))
+        flash = FlashTiming(csd)
+        wait = Signal(range(max(flash.page_program, 1)))
         put = app.i_job.payload
         m.d.comb += [put.x_addr.eq(Mux(kind, fk.v_addr, fk.k_addr)
                                    + (row * fk.kv_heads + kv_head) * fk.head_dim * 4),
@@ -382,18 +393,31 @@ class CsdTop(wiring.Component):
             with m.State("APPEND_WAIT"):
                 m.d.comb += self.cdram_rd.addr.eq(app.cdram_rd.addr)
                 with m.If(~app.busy):
-                    with m.If(kv_head + 1 < fk.kv_heads):
-                        m.d.sync += kv_head.eq(kv_head + 1)
-                        m.next = "APPEND"
-                    with m.Elif(~kind):
-                        m.d.sync += [kind.eq(1), kv_head.eq(0)]
-                        m.next = "APPEND"
-                    with m.Elif(row + 1 < fk.m):
-                        m.d.sync += row.eq(row + 1)
-                        m.next = "POSITION"
+                    with m.If(fills):
+                        m.d.sync += wait.eq(flash.page_program - 1)
+                        m.next = "PROGRAM"
                     with m.Else():
-                        m.next = "IDLE"
+                        self._next_append(m, fk, row, kind, kv_head)
+            with m.State("PROGRAM"):
+                with m.If(wait == 0):
+                    self._next_append(m, fk, row, kind, kv_head)
+                with m.Else():
+                    m.d.sync += wait.eq(wait - 1)
         return m
+
+    def _next_append(self, m, fk, row, kind, kv_head):
+        """Step to the next append: kv heads, then V after K, then the next row."""
+        with m.If(kv_head + 1 < fk.kv_heads):
+            m.d.sync += kv_head.eq(kv_head + 1)
+            m.next = "APPEND"
+        with m.Elif(~kind):
+            m.d.sync += [kind.eq(1), kv_head.eq(0)]
+            m.next = "APPEND"
+        with m.Elif(row + 1 < fk.m):
+            m.d.sync += row.eq(row + 1)
+            m.next = "POSITION"
+        with m.Else():
+            m.next = "IDLE"
 
 
 @register_top("csd", ("csd",))

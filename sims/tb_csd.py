@@ -11,9 +11,8 @@ appended slot is compared bit for bit and every issue cycle exactly.
 
 The testbench loads the program behind the front end's port and serves CDRAM (reads a cycle
 after the address, writes at the edge) and the flash pages (a request taken while idle, the
-page's beats from `latency` cycles later, as `trimem.hdl.system.FlashPages` with the tR
-latency the system top gives it) and the appends (`flash_wr`, at the edge) from Python
-memories.
+page's beats from `FlashTiming.page_read` cycles later, as `trimem.hdl.system.FlashPages`
+does with that latency) and the appends (`flash_wr`, at the edge) from Python memories.
 """
 from __future__ import annotations
 
@@ -33,19 +32,17 @@ CACHES = ({"kv_bits": 4, "kv_group_log2": 3, "kv_base": 0},
 ATTNS = ((1, 2, 1, 1, 0), (3, 2, 1, 2, 4), (1, 2, 2, 3, 40), (3, 2, 2, 1, 7))
 """(rows, q_heads, kv_heads, splits, topk) of the CSD.ATTNs, each run on both caches."""
 HEAD_DIM = 16
-SLOWDOWN = 50
-"""How many times the emulator's cycles a run may take: the engine's sequential datapath
-takes many more cycles than docs/timing.md's closed form (docs/sims.md)."""
 
 
 def _drive(cfg) -> dict:
-    """What `serve` needs of the CSD config."""
+    """What `serve` needs of the CSD config: a page answers `FlashTiming.page_read` cycles
+    after its request (docs/timing.md, "CSD")."""
     from trimem.dram import FlashTiming
 
     csd = cfg.csd
     return {"cdram_bytes": csd.dram_bytes, "flash_bytes": csd.capacity_bytes,
             "page_bytes": csd.page_bytes, "beat": csd.engine_lanes,
-            "latency": max(2, FlashTiming(csd).read)}
+            "latency": FlashTiming(csd).page_read}
 
 
 def make_case(seed: int, cfg) -> dict:
@@ -167,7 +164,7 @@ async def csd_matches_emulator(dut):
     for i, word in enumerate(case["program"]):
         imem[i].value = int.from_bytes(bytes.fromhex(word), "little")
     cocotb.start_soon(serve(dut, csd, cdram, flash))
-    issues = await testbench.run_to_halt(dut, SLOWDOWN * testbench.cycle_limit(case["cycles"]))
+    issues = await testbench.run_to_halt(dut, testbench.cycle_limit(case["cycles"]))
     memories = {"CDRAM": cdram, "FLASH": flash}
     regions = [Region.from_dict(r) for r in case["regions"]]
     got = {r.name: bytes(memories[r.space][r.addr:r.addr + r.nbytes]) for r in regions}

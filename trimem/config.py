@@ -344,6 +344,12 @@ class PimConfig(_Section):
         return self.tRFC / self.tREFI
 
 
+CSD_ENGINES = ("sequential", "streaming")
+"""Organisations of the CSD attention engine (`csd.engine`, docs/timing.md, "CSD"): the RTL's
+schedule with one page in flight and one job per (query row, kv head), or InstInfer's
+pipelined engine streaming every page once, for all rows, over all channels and dies."""
+
+
 @dataclass(frozen=True)
 class CsdConfig(_Section):
     """A computational storage drive: NAND flash, on-drive DRAM and an attention engine."""
@@ -359,6 +365,7 @@ class CsdConfig(_Section):
     tPROG_us: float = _param("us")
     channel_mbps: float = _param("MB/s")
     engine_lanes: int = _param("MACs")
+    engine: str = _param("text")
     dram_bytes: int = _param("bytes")
     pcie_gen: int = _param("generation")
     pcie_lanes: int = _param("lanes")
@@ -369,6 +376,8 @@ class CsdConfig(_Section):
     energy_pj_per_mac: float = _param("pJ", zero_ok=True)
 
     def _check(self):
+        self._need(self.engine in CSD_ENGINES, "engine", f"unknown engine {self.engine!r}",
+                   f"use one of {', '.join(CSD_ENGINES)}")
         self._need(self.page_bytes & (self.page_bytes - 1) == 0, "page_bytes",
                    f"{self.page_bytes} is not a power of two", "use e.g. 4096 or 16384")
         self._need(self.tPROG_us >= self.tR_us, "tPROG_us",

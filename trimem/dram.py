@@ -668,7 +668,16 @@ def flash_page_counts(csd, pages) -> np.ndarray:
 
 class FlashTiming:
     """Flash latencies of one CSD in cycles of its clock: array read `read` (tR), program
-    `program` (tPROG) and `transfer`, one page over a channel at channel_mbps."""
+    `program` (tPROG) and `transfer`, one page over a channel at channel_mbps.
+
+    The sequential engine (`csd.engine`, docs/timing.md, "CSD") sees flash one page at a time:
+    a page read answers `page_read` = tR + transfer cycles after its request (the array read,
+    then the page over its channel into the controller's page buffer), then streams to the
+    engine `page_beats` = ceil(page_bytes / engine_lanes) beats, one a cycle; a page program
+    holds the engine `page_program` = transfer + tPROG cycles (the page over its channel, then
+    the array program). The streaming engine has pages in flight on every channel, die and
+    plane: `read_cycles` and `program_cycles`.
+    """
 
     def __init__(self, csd):
         self.planes = csd.planes
@@ -677,6 +686,9 @@ class FlashTiming:
         per_byte = timing.cycles_per_byte(Fraction(str(csd.channel_mbps)) / 1000,
                                           csd.clock_mhz)
         self.transfer = timing.stream_cycles(csd.page_bytes, per_byte)
+        self.page_read = self.read + self.transfer
+        self.page_beats = -(-csd.page_bytes // csd.engine_lanes)
+        self.page_program = self.transfer + self.program
 
     def _batches(self, per_die: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(pages, array operations of the busiest die) per channel: a die reads or programs

@@ -1,5 +1,6 @@
 """The in-storage attention engine and the CSD top in Amaranth's simulator, bit for bit against
-`trimem.special.attention` on KV caches laid out in flash pages as `trimem.layout` places them."""
+`trimem.special.attention` on KV caches laid out in flash pages as `trimem.layout` places them,
+and cycle for cycle against the emulator (docs/timing.md, "CSD")."""
 import dataclasses
 import gc
 import warnings
@@ -13,13 +14,16 @@ from amaranth.sim import Simulator
 
 from trimem import isa, layout, numerics, special
 from trimem.config import load_config
+from trimem.dram import FlashTiming
+from trimem.emulator.machine import Machine
 from trimem.hdl.attention import AttentionEngine, exp_fx
 from trimem.hdl.csd_top import CsdTop, KvAppend
 from trimem.hdl.system import ByteRam, FlashPages
 
 pytestmark = pytest.mark.sim
 
-CSD = load_config("trimem-small").csd
+SMALL = load_config("trimem-small")
+CSD = SMALL.csd
 LIMITS = dict(max_ctx=32, max_head_dim=32, max_heads=4, max_splits=4)
 OUT = 2048
 """CDRAM byte address of the outputs in these benches."""
@@ -74,7 +78,7 @@ class CsdBench(Elaboratable):
     def __init__(self, program, flash, cdram):
         self.top = CsdTop(CSD, program=program, **LIMITS)
         self.flash = FlashPages(len(flash), page_bytes=CSD.page_bytes, beat=CSD.engine_lanes,
-                                latency=4, init=flash)
+                                latency=FlashTiming(CSD).page_read, init=flash)
         self.cdram = ByteRam(4096, reads=(4, 4), writes=(4,), init=cdram)
 
     def elaborate(self, platform):
@@ -88,8 +92,18 @@ class CsdBench(Elaboratable):
         return m
 
 
+def emulated_cycles(program, images) -> int:
+    """Cycles of the CSD stream `program` on the emulator with `images` (space, bytes at 0)."""
+    machine = Machine(SMALL)
+    for space, data in images:
+        machine.memory(space).write(0, np.frombuffer(bytes(data), np.uint8))
+    machine.run({isa.Engine.CSD: program})
+    return int(machine.streams[isa.Engine.CSD].ends[-1])
+
+
 def run_csd(case, extra=()):
-    """Run CSD.ATTN (then `extra` words, then HALT); return (outputs, error, cycles)."""
+    """Run CSD.ATTN (then `extra` words, then HALT); return the outputs, error, the top's
+    cycles and the emulator's."""
     fields, flash, cdram, expect = case
     program = [isa.encode("CSD.ATTN", **fields), *extra, isa.encode("HALT")]
     bench = CsdBench(program, flash, cdram)
@@ -101,7 +115,7 @@ def run_csd(case, extra=()):
         while not ctx.get(bench.top.halted):
             await ctx.tick()
             cycles += 1
-            assert cycles < 100_000, "the CSD stream never halted"
+            assert cycles < 200_000, "the CSD stream never halted"
         got["error"], got["cycles"] = ctx.get(bench.top.error), ctx.get(bench.top.cycles)
         words = []
         for i in range(expect.size):
@@ -114,6 +128,7 @@ def run_csd(case, extra=()):
     sim.add_clock(1e-8)
     sim.add_testbench(testbench)
     sim.run()
+    got["emulated"] = emulated_cycles(program, [("FLASH", flash), ("CDRAM", cdram)])
     return got
 
 
@@ -146,22 +161,29 @@ def test_exp_fx_expression_equals_special_exp_fx():
     dict(positions=[9], q_heads=2, kv_heads=1, d=16, bits=4, group_log2=0, splits=3, topk=4),
     dict(positions=[7], q_heads=4, kv_heads=2, d=8, bits=8, group_log2=0, splits=2, topk=3,
          seed=2),
+    dict(positions=[13], q_heads=2, kv_heads=1, d=32, bits=8, group_log2=0, splits=2, topk=3,
+         seed=3),
+    dict(positions=[1], q_heads=2, kv_heads=1, d=8, bits=4, group_log2=0, splits=3, topk=1,
+         seed=4),
     pytest.param(dict(positions=[14], q_heads=4, kv_heads=2, d=32, bits=8, group_log2=0,
                       splits=2, topk=5, seed=2), marks=pytest.mark.slow),
-], ids=["gqa-two-splits", "kv4-topk", "two-kv-heads-topk", "two-pages-topk"])
-def test_csd_attention_equals_special_attention(shape):
+], ids=["gqa-two-splits", "kv4-topk", "two-kv-heads-topk", "a-page-boundary-topk",
+        "an-empty-split", "two-pages-topk"])
+def test_csd_attention_equals_special_attention_in_the_emulators_cycles(shape):
     case = attention_case(**shape)
     got = run_csd(case)
     assert not got["error"]
     assert np.array_equal(got["out"], case[3])
+    assert got["cycles"] == got["emulated"]
 
 
 @pytest.mark.slow
-def test_csd_attention_over_two_rows_equals_special_attention():
+def test_csd_attention_over_two_rows_equals_special_attention_in_the_emulators_cycles():
     case = attention_case(positions=[9, 14], q_heads=4, kv_heads=2, d=16, bits=8, group_log2=3,
                           splits=2, topk=0)
     got = run_csd(case)
     assert np.array_equal(got["out"], case[3])
+    assert got["cycles"] == got["emulated"]
 
 
 # ---- CSD.KVAPP ---------------------------------------------------------------------------
@@ -217,7 +239,8 @@ def append_case(*, positions, kv_heads, d, bits, group_log2, seed=0, layers=2, l
 
 
 def run_append(fields, cdram, nbytes):
-    """Run CSD.KVAPP then HALT; return (flash bytes, error)."""
+    """Run CSD.KVAPP then HALT; return the flash bytes, error, the top's cycles and the
+    emulator's."""
     program = [isa.encode("CSD.KVAPP", **fields), isa.encode("HALT")]
     bench = AppendBench(program, cdram, nbytes)
     got = {}
@@ -229,7 +252,7 @@ def run_append(fields, cdram, nbytes):
             await ctx.tick()
             cycles += 1
             assert cycles < 50_000, "the CSD stream never halted"
-        got["error"] = ctx.get(bench.top.error)
+        got["error"], got["cycles"] = ctx.get(bench.top.error), ctx.get(bench.top.cycles)
         words = []
         for at in range(0, nbytes, 4):
             ctx.set(bench.flash.read0.addr, at)
@@ -241,6 +264,8 @@ def run_append(fields, cdram, nbytes):
     sim.add_clock(1e-8)
     sim.add_testbench(testbench)
     sim.run()
+    if not got["error"]:
+        got["emulated"] = emulated_cycles(program, [("CDRAM", cdram)])
     return got
 
 
@@ -250,11 +275,12 @@ def run_append(fields, cdram, nbytes):
     pytest.param(dict(positions=[1, 2, 30], kv_heads=2, d=32, bits=8, group_log2=1, seed=2),
                  marks=pytest.mark.slow),
 ], ids=["kv4-groups-of-8", "kv8-whole-head", "kv8-pairs"])
-def test_csd_kvapp_writes_the_emulators_packed_tokens_into_their_page_slots(shape):
+def test_csd_kvapp_writes_the_emulators_packed_tokens_into_their_slots_in_its_cycles(shape):
     fields, cdram, expect = append_case(**shape)
     got = run_append(fields, cdram, expect.size)
     assert not got["error"]
     assert np.array_equal(got["flash"], expect)
+    assert got["cycles"] == got["emulated"]
 
 
 def test_csd_kvapp_of_a_head_beyond_the_buffers_sets_error_and_writes_nothing():
@@ -296,3 +322,11 @@ def test_a_kv_append_head_limit_outside_the_supported_range_is_rejected():
 def test_a_head_dim_limit_that_splits_a_lane_chunk_is_rejected():
     rejects(r"^max_head_dim 12 is not a multiple of csd\.engine_lanes = 8",
             lambda: AttentionEngine(CSD, max_head_dim=12))
+
+
+@pytest.mark.unit
+def test_a_streaming_csd_has_no_rtl_and_the_top_says_how_to_build_one():
+    with pytest.raises(ValueError, match=r"^csd\.engine = 'streaming' has no RTL: .*"
+                                         r"set csd\.engine: sequential"):
+        CsdTop(dataclasses.replace(CSD, engine="streaming"), program=[isa.encode("HALT")],
+               **LIMITS)

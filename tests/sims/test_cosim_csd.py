@@ -1,14 +1,11 @@
 """Co-simulation of the CSD top on Verilator: one decode step on the drive (CSD.KVAPP of the
-new token, then CSD.ATTN over the whole cache), with and without top-k, against the emulator."""
+new token, then CSD.ATTN over the whole cache), with and without top-k, against the emulator,
+bit for bit and cycle for cycle (docs/timing.md, "CSD")."""
 import pytest
 
 from trimem.sims import runner, tb_csd, testbench
 
 pytestmark = [pytest.mark.cosim, pytest.mark.slow]
-
-SEQUENTIAL = ("the CSD top counts the cycles of its sequential datapaths (trimem.hdl.csd_top, "
-              "trimem.hdl.attention), not docs/timing.md's closed forms, which charge no fill, "
-              "drain, softmax or top-k select")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,6 @@ def test_a_decode_step_on_the_drive_appends_and_attends_bit_exactly(steps, topk)
     assert report["instructions"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason=SEQUENTIAL)
 @pytest.mark.parametrize("topk", [0, 4], ids=["all-tokens", "top-4"])
 def test_a_decode_step_on_the_drive_is_cycle_exact(steps, topk):
     report = steps[topk]

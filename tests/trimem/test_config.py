@@ -70,6 +70,12 @@ def test_presets_have_the_engines_their_papers_describe():
     assert neupims.shared_with_hbm and neupims.dual_row_buffer
 
 
+def test_drives_stream_as_instinfer_and_the_co_simulated_preset_runs_the_rtl_schedule():
+    engines = {n: load_config(n).csd.engine for n in ("instinfer", "trimem-all", "trimem-small")}
+    assert engines == {"instinfer": "streaming", "trimem-all": "streaming",
+                       "trimem-small": "sequential"}
+
+
 def test_trimem_small_is_small_enough_for_co_simulation():
     cfg = load_config("trimem-small")
     assert cfg.fpga.macs_per_cycle == 16 and cfg.fpga.sram_bytes == 64 << 10
@@ -257,6 +263,19 @@ def test_flash_page_must_be_a_power_of_two():
     d = small()
     d["csd"]["page_bytes"] = 500
     bad(d, r"^<dict>: csd\.page_bytes: 500 is not a power of two")
+
+
+def test_unknown_csd_engine_is_rejected_with_the_choices():
+    d = small()
+    d["csd"]["engine"] = "pipelined"
+    bad(d, r"^<dict>: csd\.engine: unknown engine 'pipelined'; use one of sequential, "
+           r"streaming$")
+
+
+def test_csd_engine_must_be_text():
+    d = small()
+    d["csd"]["engine"] = 1
+    bad(d, r"^<dict>: csd\.engine: expected non-empty text, got 1; write a quoted string$")
 
 
 def test_unknown_pcie_generation_is_rejected():
