@@ -2,7 +2,8 @@
 
 Targets: SmolLM2-135M (W4A8KV4, 2:4 MLP, default buckets) under 30 s including the bundle
 write; LLaMA2-7B timing-only (default buckets) under 10 s. Prints one row per case with the
-wall and CPU seconds, entries, instructions and image bytes, and names the machine.
+wall and CPU seconds, entries, instructions and image bytes, and names the machine and its
+load average (on a shared machine the CPU seconds are the steadier figure).
 
     python benchmarks/bench_compile.py [--hw trimem-all] [--only smollm2|llama2]
 """
@@ -25,7 +26,9 @@ CASES = {
 
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()})"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs, load {load}, "
+            f"Python {platform.python_version()})")
 
 
 def bench(model: str, hw: str, options: dict) -> dict:

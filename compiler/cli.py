@@ -22,14 +22,27 @@ def _overrides(items) -> dict:
     return out
 
 
+def _ids(text):
+    """[int] from "1,2,3" (None stays None)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() for t in items):
+        raise CompileError(f"--calib-ids {text!r} is not a comma-separated list of token ids; "
+                           f"write e.g. --calib-ids 1,504,3458")
+    return [int(t) for t in items]
+
+
 def run_compile(args) -> int:
     """Compile, write the bundle, print the report."""
     bundle = compile_model(
         args.model, args.hw, quant=args.quant, sparsity=args.sparsity,
-        sparse_layers=args.sparse_layers, buckets=args.buckets, layers=args.layers,
-        timing_only=args.timing_only, placement=_overrides(args.place),
-        interleave=False if args.no_interleave else None, with_tests=not args.no_tests,
-        out=args.out, force=args.force, progress=sys.stderr.isatty())
+        sparse_layers=args.sparse_layers, prune_metric=args.prune_metric,
+        buckets=args.buckets, layers=args.layers, timing_only=args.timing_only,
+        placement=_overrides(args.place), interleave=False if args.no_interleave else None,
+        smooth_alpha=args.smooth_alpha, calib_text=args.calib_text,
+        calib_ids=_ids(args.calib_ids), with_tests=not args.no_tests, out=args.out,
+        force=args.force, progress=sys.stderr.isatty())
     print(format_report(bundle.report))
     images = sum(int(i.data.size) for i in bundle.images)
     print(f"\nwrote {args.out}: {len(bundle.entries)} entries, {len(bundle.images)} images "
@@ -51,6 +64,16 @@ def add_compile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default=None, metavar="N:M", help="N:M pruning, e.g. 2:4")
     p.add_argument("--sparse-layers", default="mlp", choices=sorted(sparsify.BLOCKS),
                    help="blocks --sparsity prunes (default mlp)")
+    p.add_argument("--prune-metric", default=sparsify.METRICS[0], choices=sparsify.METRICS,
+                   help=f"N:M pruning score (default {sparsify.METRICS[0]}: |W| times the input "
+                        f"channel norm over the calibration prompt; magnitude: |W|)")
+    p.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                   help="SmoothQuant migration strength in [0, 1], e.g. 0.5 (default: none)")
+    p.add_argument("--calib-text", default=None, metavar="TEXT",
+                   help="calibration prompt of Wanda pruning and SmoothQuant, in the model's "
+                        "tokenizer (default: a built-in English paragraph)")
+    p.add_argument("--calib-ids", default=None, metavar="ID,ID,...",
+                   help="calibration prompt as token ids, instead of --calib-text")
     p.add_argument("--buckets", default=None, metavar="PHASE:ROWS@CTX,...",
                    help=f"length buckets, one entry each (default {DEFAULT_BUCKETS}, contexts "
                         f"clamped to the model's)")

@@ -420,7 +420,7 @@ class Emitter:
                 self.add(E.PIM, "PIM.GEMV", [(gbuf, 0, m * (k + SCALE))], [(pres, 0, nbytes)],
                          m=m, n=tile.n, x_addr=gbuf.addr, s_addr=gbuf.at(m * k),
                          w_addr=offset, o_addr=pres.addr, ch_mask=tile.mask, **wf)
-                self.charge("PIM", report.gemv_cycles(cfg, op, m, tile.n))
+                self.charge("PIM", report.gemv_cycles(cfg, op, m, tile))
                 self._drain(op, pres, c0, c1, tile.n0, tile.n1)
 
     def _fill_gbuf(self, gbuf, channel, x, c0, c1, k):

@@ -2,7 +2,8 @@
 
 Sources: a transformers model object (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM
 or anything with a LLaMA-family config), a local directory (config.json + safetensors), a
-GGUF file, or a known config name (`trimem.compiler.models`) for timing-only graphs. The
+GGUF file (through transformers, or read with numpy by `from_gguf`), or a known config name
+(`trimem.compiler.models`) for timing-only graphs. The
 model is checked against what the hardware runs (pre-norm RMSNorm blocks, GQA/MQA attention
 with RoPE, SiLU-gated MLP) and anything else is a CompileError naming the op, the layer and
 the feature, never a silently different network.
@@ -313,6 +314,128 @@ def smollm2_gguf() -> str:
     return os.path.join(folder, found[0])
 
 
+_GGUF_GLOBAL = {"token_embd.weight": "embed", "output_norm.weight": "norm",
+                "output.weight": "lm_head"}
+_GGUF_LOCAL = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "mlp_norm",
+               **{f"attn_{g}.{p}": f"attn.{r}{'.bias' if p == 'bias' else ''}"
+                  for g, r in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o"))
+                  for p in ("weight", "bias")},
+               **{f"ffn_{r}.{p}": f"mlp.{r}{'.bias' if p == 'bias' else ''}"
+                  for r in _LINEARS["mlp"] for p in ("weight", "bias")}}
+"""GGUF tensor names inside `blk.<i>.` -> IR weight names inside `layers.<i>.`."""
+
+
+def gguf_config(meta: dict, tensor_names) -> dict:
+    """An HF-style config dict from GGUF metadata (`<arch>.block_count`, ...)."""
+    arch = meta.get("general.architecture")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    heads = get("attention.head_count")
+    cfg = {"model_type": arch, "hidden_act": "silu", "num_hidden_layers": get("block_count"),
+           "hidden_size": get("embedding_length"), "intermediate_size":
+           get("feed_forward_length"), "num_attention_heads": heads,
+           "num_key_value_heads": get("attention.head_count_kv", heads),
+           "max_position_embeddings": get("context_length", 4096),
+           "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+           "rope_theta": get("rope.freq_base", 10000.0),
+           "vocab_size": get("vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
+           "tie_word_embeddings": "output.weight" not in tensor_names,
+           "attention_bias": "blk.0.attn_q.bias" in tensor_names}
+    if get("attention.key_length"):
+        cfg["head_dim"] = get("attention.key_length")
+    kind = get("rope.scaling.type", "none")
+    if kind != "none":
+        cfg["rope_scaling"] = {"rope_type": kind, "factor": get("rope.scaling.factor")}
+    if arch in ARCHS and None in (cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+                                  cfg["intermediate_size"]):
+        raise CompileError(f"GGUF model of architecture {arch!r} lacks {arch}.block_count, "
+                           f".embedding_length, .attention.head_count or .feed_forward_length; "
+                           f"re-convert it with a current llama.cpp")
+    return cfg
+
+
+def _gguf_ir_name(name: str) -> str:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _GGUF_LOCAL:
+        return f"layers.{match.group(1)}.{_GGUF_LOCAL[match.group(2)]}"
+    layer = int(match.group(1)) if match else None
+    raise _unsupported(f"layers.{layer}" if match else name, layer, f"GGUF tensor {name!r}",
+                       "the compiler knows only LLaMA-family weights")
+
+
+def unpermute_rope_rows(w, heads: int):
+    """Undo llama.cpp's row order of a llama q or k weight: it stores each head's rows with the
+    two rotated halves interleaved (row 2i, 2i+1 = rows i, i + d/2), for its own RoPE kernel."""
+    w = np.asarray(w)
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def from_gguf(path, *, rows=1, phase="decode", ctx=None) -> Graph:
+    """Lower a GGUF checkpoint read with numpy (`checkpoint.read`), no transformers model.
+
+    The tensors are dequantized to float32 and renamed to IR weights; llama q and k rows are
+    put back in the Hugging Face order. `graph.meta["gguf"]` keeps the path for the tokenizer.
+    """
+    from trimem.compiler import checkpoint
+
+    try:
+        ckpt = checkpoint.read(path)
+    except (OSError, checkpoint.GgufError) as err:
+        raise CompileError(f"cannot read GGUF {os.fspath(path)!r}: {err}") from err
+    cfg = gguf_config(ckpt.meta, ckpt.tensors)
+    spec = spec_from_config(cfg, os.path.splitext(os.path.basename(path))[0])
+    weights = {}
+    for name in ckpt.tensors:
+        ir = _gguf_ir_name(name)
+        w = ckpt.array(name)
+        if spec.arch == "llama" and ir.endswith((".attn.q", ".attn.k")):
+            w = unpermute_rope_rows(w, spec.heads if ir.endswith(".q") else spec.kv_heads)
+        weights[ir] = w
+    if spec.tied_embeddings:
+        weights["lm_head"] = weights["embed"]
+    graph = lower(spec, weights, rows=rows, phase=phase, ctx=ctx)
+    graph.meta["gguf"] = os.path.abspath(os.fspath(path))
+    return graph
+
+
+def prompt_ids(graph: Graph, text: str):
+    """`text` in the tokenizer of the graph's source (its GGUF, or the folder of its
+    transformers model) as int64 ids, or None when the source has no tokenizer at hand."""
+    from trimem.compiler import checkpoint
+
+    source = graph.meta.get("source")
+    path = graph.meta.get("gguf") or getattr(getattr(source, "config", None), "name_or_path",
+                                             "") or ""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        path = os.path.join(path, found[0]) if found else path
+    if not os.path.exists(path):
+        return None
+    path = os.path.abspath(path)
+    fast = checkpoint.tokenizer(path) if path.endswith(".gguf") else None
+    if fast is not None:
+        return np.asarray(fast.encode(text).ids, np.int64)
+    tok = _hf_tokenizer(path)
+    return None if tok is None else np.asarray(tok(text)["input_ids"], np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(path: str):
+    """transformers' tokenizer of a model folder or a GGUF file, or None."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = os.path.split(path) if path.endswith(".gguf") else (path, None)
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def from_config(config, *, rows=1, phase="decode", ctx=None) -> Graph:
     """A timing-only graph (no weights) from a known config name or an HF-style dict."""
     if isinstance(config, str):
@@ -322,17 +445,22 @@ def from_config(config, *, rows=1, phase="decode", ctx=None) -> Graph:
     return lower(spec, None, rows=rows, phase=phase, ctx=ctx)
 
 
-def load(source, *, rows=1, phase="decode", ctx=None, weights=True) -> Graph:
+def load(source, *, rows=1, phase="decode", ctx=None, weights=True,
+         float_model=True) -> Graph:
     """Lower any source: a model object, "smollm2-135m", a known config, a directory or GGUF.
 
     The real SmolLM2-135M is loaded from its shipped GGUF unless `weights=False`; other known
-    config names give timing-only graphs.
+    config names give timing-only graphs. With `float_model=False` a GGUF is read by
+    `from_gguf` (seconds faster, the same weights) and the graph keeps no transformers model
+    for float comparisons.
     """
     step = {"rows": rows, "phase": phase, "ctx": ctx}
     if not isinstance(source, (str, os.PathLike)):
         return from_hf(source, **step)
     if source == "smollm2-135m" and weights:
-        return from_hf(load_model(smollm2_gguf()), **step)
-    if source in MODELS:
+        source = smollm2_gguf()
+    elif source in MODELS:
         return from_config(source, **step)
+    if not float_model and os.fspath(source).endswith(".gguf"):
+        return from_gguf(source, **step)
     return from_hf(load_model(source), **step)

@@ -83,7 +83,9 @@ def keep_layers(graph: Graph, layers: int) -> Graph:
     weights = None if graph.timing_only else {n: graph.weights[n]
                                               for n in frontend.weight_names(short)}
     st = graph.step
-    return frontend.lower(short, weights, rows=st.rows, phase=st.phase, ctx=st.ctx)
+    out = frontend.lower(short, weights, rows=st.rows, phase=st.phase, ctx=st.ctx)
+    out.meta.update(graph.meta)
+    return out
 
 
 def load_graph(model, step: Step, timing_only: bool) -> Graph:
@@ -95,7 +97,7 @@ def load_graph(model, step: Step, timing_only: bool) -> Graph:
     elif timing_only and isinstance(model, str) and model in frontend.MODELS:
         graph = frontend.from_config(model, **shape)
     else:
-        graph = frontend.load(model, weights=not timing_only, **shape)
+        graph = frontend.load(model, weights=not timing_only, float_model=False, **shape)
     if timing_only and not graph.timing_only:
         graph = frontend.lower(graph.spec, None, **shape)
     return graph
@@ -183,15 +185,46 @@ def _model_meta(graph: Graph, memory, timing_only: bool) -> dict:
 def _quant_meta(graph: Graph, options: dict) -> dict:
     qs = graph.meta["quant"]
     nm = sparsify.parse_nm(options["sparsity"])
+    ids = options["calib_ids"]
     return {"spec": str(qs), "w_bits": qs.w_bits, "w_group": qs.w_group, "a_bits": qs.a_bits,
             "kv_bits": qs.kv_bits, "kv_group": qs.kv_group, "head_bits": qs.head_bits or qs.w_bits,
             "sparsity": None if nm == (1, 1) else f"{nm[0]}:{nm[1]}",
-            "sparse_blocks": options["sparse_blocks"]}
+            "sparse_blocks": options["sparse_blocks"],
+            "prune_metric": None if nm == (1, 1) else options["prune_metric"],
+            "smooth_alpha": options["smooth_alpha"],
+            "calib_text": options["calib_text"],
+            "calib_ids": None if ids is None else [int(i) for i in ids]}
+
+
+def needs_calibration(options: dict, timing_only: bool) -> bool:
+    """Whether a pass reads the calibration prompt: SmoothQuant, or Wanda pruning."""
+    if timing_only:
+        return False
+    wanda = sparsify.parse_nm(options["sparsity"]) != (1, 1) and \
+        options["prune_metric"] == sparsify.METRICS[0]
+    return options["smooth_alpha"] is not None or wanda
+
+
+def calibration(graph: Graph, calib_text, calib_ids):
+    """(text, ids) of the calibration prompt: `calib_ids` as given; else `calib_text`, by
+    default `quantize.CALIB_TEXT`, in the model's tokenizer; (None, None) leaves the choice to
+    `quantize.calibration_ids` (fixed-seed random ids where the model has no tokenizer)."""
+    if calib_ids is not None:
+        return None, np.asarray(calib_ids)
+    text = quantize.CALIB_TEXT if calib_text is None else calib_text
+    if not isinstance(text, str) or not text.strip():
+        raise CompileError(f"calib_text {calib_text!r} must be a non-empty string")
+    ids = frontend.prompt_ids(graph, text)
+    if ids is None and calib_text is not None:
+        raise CompileError(f"model {graph.spec.name!r} has no tokenizer at hand for calib_text; "
+                           f"pass calib_ids (token ids) instead")
+    return (None, None) if ids is None else (text, ids)
 
 
 def compile_model(model, hw, *, quant="w4a8kv4", sparsity=None, sparse_layers="mlp",
-                  buckets=None, layers=None, timing_only=False, placement=None, interleave=None,
-                  smooth_alpha=None, weight_slot_bytes=None, with_tests=True, out=None,
+                  prune_metric=None, buckets=None, layers=None, timing_only=False,
+                  placement=None, interleave=None, smooth_alpha=None, calib_text=None,
+                  calib_ids=None, weight_slot_bytes=None, with_tests=True, out=None,
                   force=False, progress=False) -> Bundle:
     """Compile `model` for hardware `hw` into a Bundle, written to `out` when given.
 
@@ -201,11 +234,16 @@ def compile_model(model, hw, *, quant="w4a8kv4", sparsity=None, sparse_layers="m
     quant : "w4a8kv4", "w8a8kv8", ... (`quantize.QuantSpec`).
     sparsity, sparse_layers : an N:M pattern ("2:4") and the blocks it prunes ("mlp",
         "attn", "all").
+    prune_metric : "wanda" (|W| times the input channel norm over the calibration prompt;
+        the default) or "magnitude" (|W|), `sparsify.METRICS`.
     buckets : "prefill:64@1024,decode:1@4096" (PHASE:ROWS@CTX), a list of Steps, or None.
     layers : keep the first N decoder layers.
     timing_only : shapes only; the bundle has programs but no images or expected outputs.
     placement : overrides per op kind, {"linear": "mxu", "attention": "csd"}.
     interleave : sub-batch interleaving of batched decode (None = where it applies).
+    smooth_alpha : SmoothQuant migration strength in [0, 1]; None = no smoothing.
+    calib_text, calib_ids : the calibration prompt of Wanda pruning and SmoothQuant, as text
+        in the model's tokenizer or as token ids; default `quantize.CALIB_TEXT`.
     weight_slot_bytes : SRAM bytes of each of the two MXU weight slots.
     with_tests : add the reference's expected logits for a test input to each entry.
     """
@@ -216,14 +254,24 @@ def compile_model(model, hw, *, quant="w4a8kv4", sparsity=None, sparse_layers="m
                            f"preset with an FPGA, e.g. trimem-all")
     if out is not None:
         _refuse_overwrite(out, force)
+    if calib_text is not None and calib_ids is not None:
+        raise CompileError("pass calib_text or calib_ids, not both; the ids are the prompt "
+                           "already tokenized")
+    metric = prune_metric or sparsify.METRICS[0]
+    if metric not in sparsify.METRICS:
+        raise CompileError(f"prune_metric {prune_metric!r} is not one of "
+                           f"{list(sparsify.METRICS)!r}")
     options = {"quant": quant, "sparsity": sparsity, "sparse_blocks": sparse_layers,
-               "placement": placement, "interleave": interleave, "smooth_alpha": smooth_alpha,
-               "weight_slot_bytes": weight_slot_bytes}
+               "prune_metric": metric, "placement": placement, "interleave": interleave,
+               "smooth_alpha": smooth_alpha, "weight_slot_bytes": weight_slot_bytes,
+               "calib_text": None, "calib_ids": None}
     graph = load_graph(model, Step(1, "decode", 1), timing_only)
     steps = parse_buckets(buckets, graph.spec.max_ctx)
     graph = restep(graph, steps[0])
     if layers is not None:
         graph = keep_layers(graph, layers)
+    if needs_calibration(options, graph.timing_only):
+        options["calib_text"], options["calib_ids"] = calibration(graph, calib_text, calib_ids)
     for _, run in MODEL_PASSES:
         graph = run(graph, cfg, options).verify()
     graphs = []

@@ -1,10 +1,21 @@
 """The placement pass: every op to the engine whose roofline suits it.
 
-Linears and the LM head go by arithmetic intensity, Op/B = 2*M*N*K / (weight + activation
-bytes), against the ridge point of the FPGA (its peak MAC/s for the op's N:M pattern against
-HBM bandwidth). At or above the ridge a GEMM is compute-bound and runs on the MXU DSP chains;
-below it the op streams weights (a GEMV) and runs in the PIM banks when the machine has them
-and the op fits their buffers (NeuPIMs, ASPLOS'24: GEMM to the NPU, GEMV to PIM).
+Linears and the LM head go to the engine that runs them soonest on a roofline. For each engine
+that can hold the op, time = max(ops / the engine's peak, bytes / the engine's bandwidth to its
+weights), with the peaks and bandwidths `trimem hw show` prints (`trimem.config`):
+
+- MXU: the FPGA's dense-equivalent MAC/s for the op's N:M pattern, reading the packed weights
+  and the activations once from HBM;
+- PIM: the MAC/s and row-buffer bandwidth of the banks each tile's channels hold (pruned
+  weights are not multiplied), streaming the packed weights once per input row (PIM.GEMV runs
+  its m vectors one after another), and no faster than the DMA that copies each tile's a8 rows
+  into the GBUF of every channel and its fx results out of PRES over the channel buses.
+
+So a GEMV of a large weight, read once, runs in the PIM banks at row-buffer bandwidth, and a
+batched GEMM, which reuses each weight across its rows, runs on the DSP chains where their
+peak is the higher (NeuPIMs, ASPLOS'24: GEMM to the NPU, GEMV to PIM). Equal times go to the
+engine that moves fewer bytes to and from its weights. The ridge point of each engine,
+2 * peak MAC/s / bandwidth, is noted beside the op's Op/B, the intensity the MXU sees.
 
 The KV cache has one home for every entry of a bundle: FLASH when the machine has a CSD, so
 KV append and attention run inside the drive at internal flash bandwidth (InstInfer), else
@@ -13,6 +24,9 @@ An override per op kind, {"linear": "mxu", "attention": "csd"}, wins over the ru
 that engine can run the op; where it cannot, the error says why.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 from trimem import layout
 from trimem.compiler.ir import CompileError, Graph, OpKind, option
@@ -27,6 +41,8 @@ SECTION = {"MXU": "fpga", "VPU": "fpga", "PIM": "pim", "CSD": "csd"}
 """The config section each engine needs."""
 KV_HOME = {"VPU": "HBM", "CSD": "FLASH"}
 """Where the KV cache lives when its ops run on each engine."""
+TIE = 1e-9
+"""Relative difference under which two roofline times count as equal."""
 
 
 # ---- sizes and intensities -----------------------------------------------------------------
@@ -49,12 +65,25 @@ def kv_bytes(op) -> int:
     return 2 * a["kv_heads"] * a["ctx"] * token
 
 
+def linear_ops(op, m=None, n=None) -> int:
+    """Dense-equivalent operations of a linear: 2 per MAC of [m, k] x [k, n] (by default the
+    op's own m and n; a tile's when given)."""
+    a = op.attrs
+    return 2 * (a["m"] if m is None else m) * (a["n"] if n is None else n) * a["k"]
+
+
+def act_bytes(op) -> int:
+    """Bytes of a linear's a8 input rows (with their scale codes) and fx output rows."""
+    a = op.attrs
+    return a["m"] * (a["k"] + SCALE_CODE_BYTES + a["n"] * FX_BYTES)
+
+
 def intensity(op) -> float | None:
-    """Op/B of a linear or an attention (2 ops per MAC); None for the other kinds."""
+    """Op/B of a linear (weights and activations read once) or an attention (2 ops per MAC);
+    None for the other kinds."""
     a = op.attrs
     if op.kind in LINEARS:
-        acts = a["m"] * (a["k"] + SCALE_CODE_BYTES + a["n"] * FX_BYTES)
-        return 2 * a["m"] * a["n"] * a["k"] / (weight_bytes(op) + acts)
+        return linear_ops(op) / (weight_bytes(op) + act_bytes(op))
     if op.kind is OpKind.ATTENTION:
         width = a["heads"] * a["head_dim"]
         macs = 2 * a["m"] * width * a["ctx"]
@@ -62,10 +91,62 @@ def intensity(op) -> float | None:
     return None
 
 
-def ridge(cfg, op) -> float:
-    """The FPGA ridge point for the op's N:M pattern: 2 * effective MAC/s / HBM B/s."""
-    fpga = cfg.fpga
-    return 2 * fpga.effective_macs_per_s(nm_index(cfg, op)) / (fpga.hbm_gbps * 1e9)
+# ---- rooflines of a linear -----------------------------------------------------------------
+
+def peak_macs(cfg, op, engine: str) -> float:
+    """Dense-equivalent MAC/s of `engine` on linear `op`: both engines multiply only the n kept
+    weights of every m, so an n:m pattern looks m/n times faster."""
+    if engine == "MXU":
+        return cfg.fpga.effective_macs_per_s(nm_index(cfg, op))
+    n, m = op.attrs["nm"]
+    return cfg.pim.peak_macs_per_s * m / n
+
+
+def weight_gbps(cfg, engine: str) -> float:
+    """GB/s between `engine` and its weights: HBM for the MXU, the row buffers for PIM."""
+    return cfg.fpga.hbm_gbps if engine == "MXU" else cfg.pim.internal_gbps
+
+
+def traffic(op, engine: str) -> int:
+    """Bytes `engine` moves to and from its weights for linear `op`: the MXU reads weights and
+    activations once, PIM streams the weights through the banks once per input row
+    (`dram.gemv_requests`)."""
+    if engine == "MXU":
+        return weight_bytes(op) + act_bytes(op)
+    return op.attrs["m"] * weight_bytes(op)
+
+
+def ridge(cfg, op, engine: str = "MXU") -> float:
+    """Op/B at which `engine` turns from bandwidth- to compute-bound on `op`'s N:M pattern."""
+    return 2 * peak_macs(cfg, op, engine) / (weight_gbps(cfg, engine) * 1e9)
+
+
+def gemv_seconds(cfg, op, m: int, tile) -> float:
+    """PIM.GEMV of m rows on one `tile.PimTile`: compute or weight stream, the slower, on the
+    banks of the tile's channels only (their share of the peak and the row-buffer bandwidth)."""
+    share = len(tile.channels) / cfg.pim.channels
+    return max(linear_ops(op, m, tile.n) / (2 * peak_macs(cfg, op, "PIM") * share),
+               m * weight_bytes(op, tile.n) / (weight_gbps(cfg, "PIM") * 1e9 * share))
+
+
+def gemv_io_seconds(cfg, op, m: int, tile) -> float:
+    """The DMA around a PIM.GEMV tile: the a8 rows into the GBUF of each of its channels, the
+    fx results out of PRES, over `pim.channel_gbps`."""
+    k = op.attrs["k"]
+    nbytes = m * (len(tile.channels) * (k + SCALE_CODE_BYTES) + tile.n * FX_BYTES)
+    return nbytes / (cfg.pim.channel_gbps * 1e9)
+
+
+def seconds(cfg, op, engine: str) -> float:
+    """Roofline time of linear `op` on `engine`: compute or the traffic to its weights, the
+    slower; on PIM summed over its tiles (one PIM.GEMV after another), each also bounded by
+    the transfer of its inputs and outputs."""
+    if engine == "MXU":
+        return max(linear_ops(op) / (2 * peak_macs(cfg, op, engine)),
+                   traffic(op, engine) / (weight_gbps(cfg, engine) * 1e9))
+    m = op.attrs["m"]
+    return sum(max(gemv_seconds(cfg, op, m, t), gemv_io_seconds(cfg, op, m, t))
+               for t in pim_tiles(cfg, op))
 
 
 # ---- what each engine can run --------------------------------------------------------------
@@ -82,7 +163,8 @@ def mxu_unfit(cfg, op) -> str | None:
 
 def pim_unfit(cfg, op) -> str | None:
     """Why the PIM banks cannot run linear `op`, or None when they can (docs/contract.md,
-    PIM.GEMV: one a8 row per channel's GBUF, at least one output channel per bank)."""
+    PIM.GEMV: one a8 row per channel's GBUF, at least one output channel per bank, each
+    bank's share of a tile inside the bank)."""
     pim, a = cfg.pim, op.attrs
     if pim is None:
         return "the machine has no pim section"
@@ -92,9 +174,12 @@ def pim_unfit(cfg, op) -> str | None:
         return f"one a8 row of k={a['k']} needs {a['k'] + SCALE_CODE_BYTES} B of GBUF per " \
                f"channel but pim.gbuf_bytes is {pim.gbuf_bytes}"
     try:
-        pim_tiles(cfg, op)
+        tiles = pim_tiles(cfg, op)
     except CompileError as err:
         return str(err).split(": ", 1)[1]
+    share = max(t.bank_rows for t in tiles) * pim.row_bytes
+    if share > pim.bank_bytes:
+        return f"a bank's share of a tile, {share} B, exceeds the {pim.bank_bytes} B bank"
     return None
 
 
@@ -111,9 +196,12 @@ def _unfit(cfg, op, engine) -> str | None:
 
 def parse_overrides(overrides) -> dict:
     """{OpKind: engine} from {"linear": "mxu", ...}; errors name the bad key or engine."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise CompileError(f"placement {overrides!r} is not a dict of op kind to engine; write "
+                           f"e.g. {{'linear': 'mxu'}}")
     out = {}
     kinds = {kind.value: kind for kind in CHOICES}
-    for key, engine in dict(overrides or {}).items():
+    for key, engine in (overrides or {}).items():
         if key not in kinds:
             raise CompileError(f"placement override {key!r} names no op kind with a choice of "
                                f"engine; use one of {sorted(kinds)!r}")
@@ -143,32 +231,50 @@ def kv_engine(cfg, overrides: dict) -> str:
 
 # ---- the pass ------------------------------------------------------------------------------
 
+def _fastest(times: dict, moved: dict) -> str:
+    """The engine of least time; within TIE of it, the one that moves fewer bytes."""
+    best = min(times.values())
+    close = [e for e, t in times.items() if t <= best * (1 + TIE)]
+    return min(close, key=lambda e: moved[e])
+
+
 def _place_linear(cfg, op, forced: str | None) -> dict:
-    op_b, unfit = intensity(op), {e: _unfit(cfg, op, e) for e in CHOICES[op.kind]}
+    unfit = {e: _unfit(cfg, op, e) for e in CHOICES[op.kind]}
+    fits = [e for e, why in unfit.items() if why is None]
+    note = {"op_b": intensity(op), "ridge": {e: ridge(cfg, op, e) for e in fits},
+            "seconds": {e: seconds(cfg, op, e) for e in fits},
+            "unfit": {e: why for e, why in unfit.items() if why is not None}}
     if forced is not None:
         if unfit[forced]:
             raise CompileError(f"{op.where}: placement override puts it on {forced} but "
                                f"{unfit[forced]}; drop the override")
-        return {"engine": forced, "op_b": op_b, "reason": "override"}
+        return {"engine": forced, **note, "reason": "override"}
     if cfg.fpga is None:
         raise CompileError(f"{op.where}: the machine has no fpga section, so nothing "
                            "quantizes activations; pick a preset with an FPGA")
-    line = ridge(cfg, op)
-    if unfit["PIM"] is None and (op_b < line or unfit["MXU"]):
-        why = f"Op/B {op_b:.3g} < ridge {line:.3g}" if op_b < line else unfit["MXU"]
-        return {"engine": "PIM", "op_b": op_b, "ridge": line, "reason": why}
-    if unfit["MXU"] is not None:
-        raise CompileError(f"{op.where}: no engine can run it: MXU: {unfit['MXU']}; PIM: "
-                           f"{unfit['PIM']}; change --quant or the preset")
-    why = f"Op/B {op_b:.3g} >= ridge {line:.3g}" if op_b >= line else \
-        f"memory-bound but PIM unfit: {unfit['PIM']}"
-    return {"engine": "MXU", "op_b": op_b, "ridge": line, "reason": why}
+    if not fits:
+        raise CompileError(f"{op.where}: no engine can run it: " + "; ".join(
+            f"{e}: {why}" for e, why in unfit.items()) + "; change --quant or the preset")
+    if len(fits) == 1:
+        (engine,) = fits
+        other = next(e for e in unfit if e != engine)
+        return {"engine": engine, **note, "reason": f"{other} unfit: {unfit[other]}"}
+    times = note["seconds"]
+    engine = _fastest(times, {e: traffic(op, e) for e in fits})
+    other = next(e for e in fits if e != engine)
+    if math.isclose(times[engine], times[other], rel_tol=TIE):
+        why = f"ties {other}, moves fewer bytes"
+    else:
+        why = f"{times[other] / times[engine]:.3g}x faster than {other}"
+    return {"engine": engine, **note, "reason": why}
 
 
 def run(graph: Graph, cfg, options=None) -> Graph:
     """Set `op.engine` of every op and note the decision in `op.annotations["place"]`.
 
-    Options: "placement", a dict of overrides per op kind ({"linear": "pim"}).
+    Options: "placement", a dict of overrides per op kind ({"linear": "pim"}). A linear's note
+    holds its Op/B, and per engine that can run it the ridge point and roofline seconds
+    ("ridge", "seconds") or why it cannot ("unfit").
     """
     overrides = parse_overrides(option(options, "placement", None))
     kv = kv_engine(cfg, overrides)
@@ -188,4 +294,3 @@ def run(graph: Graph, cfg, options=None) -> Graph:
         op.annotations["place"] = decision
     out.meta["kv_home"] = KV_HOME[kv]
     return out.verify()
-

@@ -236,14 +236,15 @@ def float_forward(graph: Graph, ids, capture=()):
     """
     if graph.timing_only:
         raise CompileError("float_forward needs weights; load the model with weights")
-    w = {k: None if v is None else np.asarray(v, dtype=np.float64)
-         for k, v in graph.weights.items()}
     spec = graph.spec
     ids = np.asarray(ids, dtype=np.int64)
     rows = ids.shape[0]
     angle = np.arange(rows, dtype=np.float64)[:, None] * spec.inv_freq[None, :]
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
     env = {"ids": ids, "pos": np.arange(rows)}
+
+    def w(name):
+        return np.asarray(graph.weights[name], dtype=np.float64)
 
     def rope(x, heads):
         x = x.reshape(rows, heads, -1)
@@ -254,12 +255,12 @@ def float_forward(graph: Graph, ids, capture=()):
     for op in graph.ops:
         a, args = op.attrs, [env[n] for n in op.inputs]
         if op.kind is OpKind.EMBED:
-            y = w[a["weight"]][args[0]]
+            y = np.asarray(graph.weights[a["weight"]][args[0]], dtype=np.float64)
         elif op.kind is OpKind.RMSNORM:
             x = args[0]
-            y = x / np.sqrt((x * x).mean(-1, keepdims=True) + a["eps"]) * w[a["weight"]]
+            y = x / np.sqrt((x * x).mean(-1, keepdims=True) + a["eps"]) * w(a["weight"])
         elif op.kind in (OpKind.LINEAR, OpKind.LM_HEAD):
-            y = args[0] @ w[a["weight"]].T + (0 if a["bias"] is None else w[a["bias"]])
+            y = args[0] @ w(a["weight"]).T + (0 if a["bias"] is None else w(a["bias"]))
         elif op.kind is OpKind.ROPE:
             y = rope(args[0], a["heads"])
         elif op.kind is OpKind.KV_APPEND:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 
 from trimem import layout, timing
-from trimem.compiler.place import nm_index
-from trimem.compiler.tile import weight_bytes
+from trimem.compiler.ir import OpKind
+from trimem.compiler import place
+from trimem.compiler.place import CHOICES, nm_index
 
 LINK_GBPS = {"HOST": lambda cfg: cfg.links.pcie_gbps, "CDRAM": lambda cfg: cfg.links.p2p_gbps,
              "HBM": lambda cfg: cfg.fpga.hbm_gbps, "GBUF": lambda cfg: cfg.pim.channel_gbps,
              "PRES": lambda cfg: cfg.pim.channel_gbps, "PIMDRAM": lambda cfg: cfg.pim.channel_gbps}
 """GB/s of the path a DMA takes on each side; SRAM is on chip and adds none."""
+PLACED = CHOICES[OpKind.LINEAR]
+"""The engines whose ridge point and roofline time the placement table shows per linear."""
 
 
 def _cycles(cfg, seconds: float) -> float:
@@ -40,13 +43,10 @@ def gemm_cycles(cfg, op, m: int, n: int) -> float:
                                              "nm": nm_index(cfg, op)})
 
 
-def gemv_cycles(cfg, op, m: int, n: int) -> float:
-    """PIM.GEMV: m vectors, each streaming the tile's weights through every bank's MACs."""
-    pim, a = cfg.pim, op.attrs
-    kept = a["k"] // a["nm"][1] * a["nm"][0]
-    compute = m * n * kept / pim.peak_macs_per_s
-    stream = m * weight_bytes(op, n) / (pim.internal_gbps * 1e9)
-    return _cycles(cfg, max(compute, stream))
+def gemv_cycles(cfg, op, m: int, tile) -> float:
+    """PIM.GEMV: m vectors, each streaming the tile's weights through the MACs of its
+    channels' banks (`place.gemv_seconds`)."""
+    return _cycles(cfg, place.gemv_seconds(cfg, op, m, tile))
 
 
 def vpu_cycles(cfg, name: str, fields: dict) -> float:
@@ -106,13 +106,14 @@ def entry_report(graph, entry) -> dict:
             ops[engine] = ops.get(engine, 0) + 1
     placement = {}
     for op in graph.ops:
-        place = op.annotations["place"]
-        if place["op_b"] is not None:
-            placement[op.name] = {"engine": "+".join(op.annotations.get("sub_engines")
-                                                     or (op.engine,)),
-                                  "op_b": _round(place["op_b"]),
-                                  "ridge": _round(place.get("ridge")),
-                                  "reason": place["reason"]}
+        note = op.annotations["place"]
+        if note["op_b"] is not None:
+            placement[op.name] = {
+                "engine": "+".join(op.annotations.get("sub_engines") or (op.engine,)),
+                "op_b": _round(note["op_b"]),
+                "ridge": {e: _round(v) for e, v in note.get("ridge", {}).items()},
+                "us": {e: _round(v * 1e6) for e, v in note.get("seconds", {}).items()},
+                "reason": note["reason"]}
     words = {e: len(w) for e, w in entry.programs.items()}
     roofline = entry.meta["roofline_cycles"]
     bound = max(roofline.values(), default=0)
@@ -154,10 +155,18 @@ def format_report(rep: dict) -> str:
                          f"{e['roofline_cycles'].get(eng, 0):>12}")
         lines.append("  peak scratch: " + ", ".join(f"{s} {b} B" for s, b in
                                                    e["peak_bytes"].items()))
-        lines.append(f"  {'op':<28} {'engine':<8} {'Op/B':>9}  why")
+        heads = [f"{key} {eng}" for key in ("ridge", "us") for eng in PLACED]
+        lines.append(f"  {'op':<24} {'engine':<8} {'Op/B':>7} " +
+                     " ".join(f"{h:>9}" for h in heads) + "  why")
         for op, p in e["placement"].items():
             if _layer0(op):
-                op_b = "-" if p["op_b"] is None else f"{p['op_b']:.3g}"
-                lines.append(f"  {op:<28} {p['engine']:<8} {op_b:>9}  {p['reason']}")
+                cells = [_cell(p["op_b"])] + [_cell(p[key].get(eng)) for key in ("ridge", "us")
+                                              for eng in PLACED]
+                lines.append(f"  {op:<24} {p['engine']:<8} {cells[0]:>7} " +
+                             " ".join(f"{c:>9}" for c in cells[1:]) + f"  {p['reason']}")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
 

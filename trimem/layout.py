@@ -54,6 +54,28 @@ def pack_bits(values, nbits):
     if not 0 <= nbits <= 8:
         raise ValueError(f"nbits must be in [0, 8], got {nbits!r}")
     _check_range("values", values, 0, (1 << nbits) - 1)
+    if nbits and 8 % nbits == 0:
+        return _pack_whole_bytes(values, nbits)
+    return _pack_any_bits(values, nbits)
+
+
+def _pack_whole_bytes(values, nbits):
+    """pack_bits for widths that divide 8: 8 // nbits values shifted into each byte."""
+    *lead, length = values.shape
+    per = 8 // nbits
+    v = values.astype(np.uint8)
+    pad = -length % per
+    if pad:
+        v = np.concatenate([v, np.zeros((*lead, pad), dtype=np.uint8)], axis=-1)
+    v = v.reshape(*lead, (length + pad) // per, per)
+    out = v[..., 0].copy()
+    for i in range(1, per):
+        out |= v[..., i] << np.uint8(nbits * i)
+    return out
+
+
+def _pack_any_bits(values, nbits):
+    """pack_bits for any width, one bit at a time."""
     *lead, length = values.shape
     bits = (values.astype(np.uint8)[..., None] >> np.arange(nbits, dtype=np.uint8)) & 1
     bits = bits.reshape(*lead, length * nbits)
@@ -130,13 +152,46 @@ def weight_tile_bytes(n, k, bits, nm, group):
     return offset + size
 
 
+LOOKUP_M = 8
+"""Largest block size whose nonzero patterns `nm_split` tabulates (2**m of them)."""
+
+
+def nm_split(q, keep, m):
+    """`numerics.nm_pack(q, keep, m)`, by table lookup for blocks of up to LOOKUP_M.
+
+    The kept positions of a block depend only on which of its m values are nonzero, so
+    nm_pack runs once per nonzero pattern and every block gathers its pattern's row: the same
+    result without a sort per block. Blocks with more than `keep` nonzeros go to nm_pack,
+    which names the first.
+    """
+    q = np.asarray(q)
+    rows, k = q.shape
+    if not isinstance(m, (int, np.integer)) or not 1 <= m <= LOOKUP_M or k % m:
+        return nm_pack(q, keep, m)
+    if (keep, m) == DENSE:
+        return q.copy(), np.zeros(q.shape, dtype=np.uint8)
+    blocks = q.reshape(rows, k // m, m)
+    code = np.zeros(blocks.shape[:-1], dtype=np.intp)
+    for j in range(m):
+        code |= (blocks[..., j] != 0).astype(np.intp) << j
+    patterns = (np.arange(1 << m)[:, None] >> np.arange(m)) & 1
+    fits = patterns.sum(axis=1) <= keep
+    if not fits[code].all():
+        return nm_pack(q, keep, m)
+    table = np.zeros((1 << m, keep), dtype=np.uint8)
+    table[fits] = nm_pack(patterns[fits], keep, m)[1]
+    idx = table[code]
+    values = np.take_along_axis(blocks, idx.astype(np.intp), axis=-1)
+    return values.reshape(rows, -1), idx.reshape(rows, -1)
+
+
 def pack_weight_tile(qw, nm):
     """QuantWeight -> uint8 blob `values | indices | groups | requant` (docs/numerics.md)."""
     if not isinstance(qw, QuantWeight):
         raise TypeError(f"pack_weight_tile takes a QuantWeight, got {type(qw).__name__!r}")
     n, k = qw.q.shape
     keep, m = nm
-    values, idx = nm_pack(qw.q, keep, m)
+    values, idx = nm_split(qw.q, keep, m)
     requant = np.zeros((n, REQUANT_BYTES), dtype=np.uint8)
     requant[:, :4] = qw.mult.astype("<i4").view(np.uint8).reshape(n, 4)
     requant[:, 4] = qw.shift

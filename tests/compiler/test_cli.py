@@ -1,6 +1,7 @@
 """`trimem compile`: arguments, the bundle it writes, the report it prints, refusals."""
 import argparse
 
+import numpy as np
 import pytest
 
 from trimem.bundle import BundleError, read_bundle
@@ -88,3 +89,64 @@ def test_a_machine_without_an_fpga_is_rejected_before_any_work(tmp_path):
     with pytest.raises(CompileError, match=r"^hardware 'instinfer' has no fpga section"):
         trimem("llama2-7b", "--hw", "instinfer", "--timing-only", "-o", tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+# ---- pruning metric and calibration prompt -------------------------------------------------
+
+def tiny_bundle(model, **options):
+    from trimem.compiler.pipeline import compile_model
+
+    return compile_model(model, "trimem-all", quant="w8a8kv8", sparsity="2:4",
+                         buckets="decode:1@16", layers=1, with_tests=False, **options)
+
+
+def test_prune_metric_and_calibration_ids_are_recorded_in_the_manifest(saved_model, tmp_path):
+    out = tmp_path / "b"
+    assert trimem(saved_model, "--hw", "trimem-all", "--quant", "w8a8kv8", "--sparsity", "2:4",
+                  "--prune-metric", "wanda", "--calib-ids", "5, 9,200", "--smooth-alpha",
+                  "0.5", "--buckets", "decode:1@16", "--no-tests", "-o", out) == 0
+    quant = read_bundle(out).quant
+    assert quant["prune_metric"] == "wanda" and quant["calib_ids"] == [5, 9, 200]
+    assert quant["smooth_alpha"] == 0.5 and quant["calib_text"] is None
+
+
+def test_magnitude_pruning_needs_no_calibration_and_prunes_other_weights(tiny_llama):
+    magnitude = tiny_bundle(tiny_llama, prune_metric="magnitude")
+    wanda = tiny_bundle(tiny_llama, calib_ids=[5, 9, 200, 7])
+    assert magnitude.quant["prune_metric"] == "magnitude"
+    assert magnitude.quant["calib_ids"] is None and wanda.quant["calib_ids"] == [5, 9, 200, 7]
+    weights = {i.name: i.data for i in magnitude.images}
+    assert any(not np.array_equal(i.data, weights[i.name]) for i in wanda.images
+               if i.name.endswith(".mlp.up"))
+
+
+def test_dense_compiles_record_no_prune_metric(tiny_llama):
+    from trimem.compiler.pipeline import compile_model
+
+    bundle = compile_model(tiny_llama, "trimem-all", buckets="decode:1@16", layers=1,
+                           with_tests=False)
+    assert bundle.quant["prune_metric"] is None and bundle.quant["calib_ids"] is None
+
+
+def test_an_unknown_prune_metric_is_rejected_with_the_choices(tiny_llama):
+    with pytest.raises(CompileError, match=r"^prune_metric 'l1' is not one of "
+                                           r"\['wanda', 'magnitude'\]$"):
+        tiny_bundle(tiny_llama, prune_metric="l1")
+
+
+def test_calibration_text_needs_a_tokenizer(tiny_llama):
+    with pytest.raises(CompileError, match=r"has no tokenizer at hand for calib_text; pass "
+                                           r"calib_ids \(token ids\) instead$"):
+        tiny_bundle(tiny_llama, calib_text="Rivers shape the land.")
+
+
+def test_calibration_text_and_ids_together_are_rejected(tiny_llama):
+    with pytest.raises(CompileError, match=r"^pass calib_text or calib_ids, not both"):
+        tiny_bundle(tiny_llama, calib_text="Rivers.", calib_ids=[1, 2])
+
+
+def test_malformed_calibration_ids_are_rejected(tmp_path):
+    with pytest.raises(CompileError, match=r"^--calib-ids '1,x' is not a comma-separated list "
+                                           r"of token ids"):
+        trimem("llama2-7b", "--hw", "trimem-all", "--timing-only", "--calib-ids", "1,x",
+               "-o", tmp_path / "b")

@@ -106,7 +106,8 @@ def test_the_emulator_reproduces_the_reference_logits_bit_for_bit(bundle):
 
 def test_all_three_engines_reproduce_the_reference_bit_for_bit(tiny_llama):
     runner = pytest.importorskip("trimem.emulator.runner")
-    b = compile_model(tiny_llama, "trimem-all", buckets="prefill:4@64,decode:2@64")
+    b = compile_model(tiny_llama, "trimem-all", buckets="prefill:4@64,decode:2@64",
+                      placement={"linear": "pim"})
     engines = set(b.entries["decode_m2_c64"].programs)
     assert {"MXU", "PIM", "CSD"} <= engines and b.entries["decode_m2_c64"].meta["interleave"]
     for name in b.entries:
@@ -137,15 +138,16 @@ def test_timing_only_bundles_have_programs_and_sizes_but_no_images(tmp_path):
 
 
 def test_batched_decode_interleaves_sub_batches_over_mxu_and_pim(tiny_llama):
+    pim = {"linear": "pim", "lm_head": "pim"}
     b = compile_model(tiny_llama, "neupims", quant="w8a8kv8", buckets="decode:4@64",
-                      with_tests=False)
+                      with_tests=False, placement=pim)
     entry = b.entries["decode_m4_c64"]
     assert entry.meta["interleave"] and entry.meta["sub_batches"] == [[0, 2], [2, 4]]
     gemm = [i for i in decoded(entry.programs["MXU"]) if i.name == "MXU.GEMM"]
     gemv = [i for i in decoded(entry.programs["PIM"]) if i.name == "PIM.GEMV"]
     assert {i.fields["m"] for i in gemm} == {i.fields["m"] for i in gemv} == {2}
     off = compile_model(tiny_llama, "neupims", quant="w8a8kv8", buckets="decode:4@64",
-                        with_tests=False, interleave=False)
+                        with_tests=False, interleave=False, placement=pim)
     assert "MXU" not in off.entries["decode_m4_c64"].programs
 
 

@@ -109,7 +109,7 @@ def test_kv_cache_in_flash_uses_flash_pages(tiny_llama):
 
 
 def test_pim_tiles_of_one_channel_set_stack_row_aligned_in_every_bank(tiny_llama):
-    cfg, gs = graphs(tiny_llama, "trimem-all", "decode:1@64")
+    cfg, gs = graphs(tiny_llama, "trimem-all", "decode:1@64", placement={"linear": "pim"})
     memory = tile.plan_memory(gs, cfg)
     offsets = [off for placed in memory.pim.values() for _, off in placed]
     assert offsets and all(off % cfg.pim.row_bytes == 0 for off in offsets)
