@@ -40,16 +40,14 @@ COCOTB_FACTOR = 100
 SIMULATORS = ("cocotb on Verilator", "batched Verilator harness", "Amaranth Python simulator")
 
 
+def load() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine slows every simulator."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def device() -> str:
     """CPU model and core count: every speed printed here is of this machine."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{runner.cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +197,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pysim-cycles", type=int, default=2_000)
     args = parser.parse_args(argv)
     cfg = load_config(PRESET)
-    print(f"device: {device()}")
+    print(f"device: {device()}; load average {load()}")
     print(f"preset: {PRESET} ({cfg.fpga.dsp_chains} chains x {cfg.fpga.chain_length} DSPs), "
           f"DSP-chain testbench GEMMs, back to back")
     print(f"{'component':12} {'simulator':28} {'cycles':>10} {'wall s':>8} {'cycles/s':>12} "
@@ -219,6 +217,7 @@ def main(argv=None) -> None:
         print(f"{name:12} targets: batched >= {BATCHED_TARGET:,} cycles/s "
               f"{'met' if batched >= BATCHED_TARGET else 'missed'}, >= {COCOTB_FACTOR}x cocotb "
               f"{'met' if batched >= COCOTB_FACTOR * base else 'missed'}")
+    print(f"load average at the end: {load()}")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ class Frontend(wiring.Component):
     Members
     -------
     run : In(1)
-        Fetch while high; the first word issues two cycles after `run` rises.
+        Fetch while high; the first word issues in the cycle after the first with `run` high.
     o_instr : Out(stream.Signature(engine_layout(engine)))
         Words of the engine, one per `ready` cycle; the engine raises `ready` when idle.
     o_push : Out(token_signature())

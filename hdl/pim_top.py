@@ -3,12 +3,14 @@
 The front end (`trimem.hdl.frontend.Frontend`) fetches the PIM stream and runs the CTRL
 instructions; every PIM.GEMV goes to all channels at once, in the cycle every channel is idle,
 and the next instruction issues when the last selected channel is quiet again, which is the
-emulator's end cycle (the latest channel end). The channels' global-buffer and result-buffer
-ports are the top's ports, for the memory models of `trimem.hdl.system`.
+emulator's end cycle (the latest channel end). The channels are held until the cycle after
+`run` first rises, the streams' cycle 0, so their refresh intervals count from there as the
+emulator's do. The channels' global-buffer and result-buffer ports are the top's ports, for
+the memory models of `trimem.hdl.system`.
 """
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Signal
+from amaranth.hdl import Cat, EnableInserter, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -96,8 +98,10 @@ class PimTop(wiring.Component):
         m = Module()
         pim = self.pim
         m.submodules.frontend = fe = self.frontend
+        started = Signal()
+        m.d.sync += started.eq(started | self.run)
         for c, channel in enumerate(self.channels):
-            m.submodules[f"channel{c}"] = channel
+            m.submodules[f"channel{c}"] = EnableInserter(started)(channel)
 
         # -- front end: run, tokens, status ----------------------------------------------------
         wiring.connect(m, wiring.flipped(self.o_push), fe.o_push)

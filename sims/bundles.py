@@ -5,7 +5,10 @@ bundle format of `trimem.bundle` so that `cosim` and `trimem run` load them like
 image, the activations and their scale codes are the entry's inputs, the fx output its
 output. `pim_bundle` is one PIM.GEMV: the unit tiles are PIMDRAM images (`pim_tiles`), the
 vectors and scale codes inputs in the global buffer, the output in the result buffer. The
-expected outputs are `trimem.numerics.linear`. `attention_bundle` is one decode step of
+expected outputs are `trimem.numerics.linear`. `block_bundle` runs three streams that meet
+through tokens and the shared SRAM: a GEMM on the MXU whose output the VPU adds to a residual
+and quantizes (`special.add_sat`, `numerics.quantize_act`), beside a GEMV on the PIM.
+`attention_bundle` is one decode step of
 CSD.ATTN: a KV cache of random K and V quantized into FLASH pages (`kv_image`), the queries and
 positions inputs in CDRAM, the output in CDRAM; the expected output is
 `trimem.special.attention`.
@@ -98,14 +101,13 @@ def linear_bundle(out, hw="trimem-small", *, m: int = 2, n: int = 12, k: int = 6
     return write_bundle(bundle, out)
 
 
-def pim_bundle(out, hw="trimem-small", *, m: int = 1, n: int = 8, k: int = 192, bits: int = 8,
-               group_log2: int = 4, w_row: int = 1, repeat: int = 1, seed: int = 0) -> Path:
-    """Write a PIM.GEMV bundle on channel 0 to `out` (see the module docstring): the GEMV
-    `repeat` times over the same operands, its tiles from DRAM row `w_row` of each bank.
-    Return its path."""
-    cfg = load_config(hw)
+def pim_gemv(cfg, rng, *, m: int, n: int, k: int, bits: int = 8, group_log2: int = 4,
+             w_row: int = 1, repeat: int = 1) -> dict:
+    """A PIM.GEMV on channel 0 with random operands, `repeat` times over the same ones, its
+    tiles from DRAM row `w_row` of each bank: the PIM stream (`program`), the `inputs` x and
+    xs in the global buffer, the output o in the result buffer, the PIMDRAM `images`, and the
+    `test_inputs` and `expected` values by tensor name."""
     pim = cfg.pim
-    rng = np.random.default_rng(seed)
     qw = quant_weight(rng, n, k, bits, layout.DENSE, isa.group_size(group_log2, k))
     a8, mant, exp = activations(rng, m, k)
     scales = layout.pack_scale_codes(mant, exp)
@@ -116,16 +118,81 @@ def pim_bundle(out, hw="trimem-small", *, m: int = 1, n: int = 8, k: int = 192, 
     w_addr = w_row * pim.row_bytes
     gemv = isa.encode("PIM.GEMV", m=m, n=n, k=k, x_addr=0, s_addr=a8.size, w_addr=w_addr,
                       o_addr=0, ch_mask=1, bits=bits, nm=0, group_log2=group_log2)
-    entry = Entry("gemv", "decode", {"pim": [gemv] * repeat + [isa.encode("HALT")]},
-                  inputs=[TensorSpec("x", "GBUF", 0, "int8", (m, k)),
-                          TensorSpec("s", "GBUF", a8.size, "uint8", (scales.size,))],
-                  outputs=[TensorSpec("o", "PRES", 0, "int32", (m, n))])
-    images = [MemoryImage(f"tile{u}", "PIMDRAM", addr, data)
-              for u, (addr, data) in enumerate(pim_tiles(cfg, qw, 1, w_addr))]
-    expected = numerics.linear(a8, mant, exp, qw.w_eff, qw.mult, qw.shift)
+    return {"program": [gemv] * repeat + [isa.encode("HALT")],
+            "inputs": [TensorSpec("x", "GBUF", 0, "int8", (m, k)),
+                       TensorSpec("xs", "GBUF", a8.size, "uint8", (scales.size,))],
+            "outputs": [TensorSpec("o", "PRES", 0, "int32", (m, n))],
+            "images": [MemoryImage(f"tile{u}", "PIMDRAM", addr, data)
+                       for u, (addr, data) in enumerate(pim_tiles(cfg, qw, 1, w_addr))],
+            "test_inputs": {"x": a8, "xs": scales},
+            "expected": {"o": numerics.linear(a8, mant, exp, qw.w_eff, qw.mult, qw.shift)}}
+
+
+def pim_bundle(out, hw="trimem-small", *, m: int = 1, n: int = 8, k: int = 192, bits: int = 8,
+               group_log2: int = 4, w_row: int = 1, repeat: int = 1, seed: int = 0) -> Path:
+    """Write a PIM.GEMV bundle to `out` (see the module docstring and `pim_gemv`); return its
+    path."""
+    cfg = load_config(hw)
+    gemv = pim_gemv(cfg, np.random.default_rng(seed), m=m, n=n, k=k, bits=bits,
+                    group_log2=group_log2, w_row=w_row, repeat=repeat)
+    entry = Entry("gemv", "decode", {"pim": gemv["program"]}, inputs=gemv["inputs"],
+                  outputs=gemv["outputs"])
     bundle = Bundle({"name": f"gemv-{n}x{k}"}, _hardware(cfg), {"w_bits": bits},
-                    {"gemv": entry}, images=images,
-                    tests={"gemv": {"inputs": {"x": a8, "s": scales}, "expected": {"o": expected}}})
+                    {"gemv": entry}, images=gemv["images"],
+                    tests={"gemv": {"inputs": gemv["test_inputs"],
+                                    "expected": gemv["expected"]}})
+    return write_bundle(bundle, out)
+
+
+def block_bundle(out, hw="trimem-small", *, m: int = 2, n: int = 16, k: int = 64,
+                 nm: int = 1, pim_n: int = 8, pim_k: int = 192, seed: int = 0) -> Path:
+    """Write a three-stream bundle to `out` (see the module docstring); return its path.
+
+    MXU: a GEMM, then PUSH VPU. VPU: POP MXU, VPU.ADD of the GEMM's output and a residual,
+    VPU.QUANT of the sum. PIM, meanwhile: a GEMV of its own. All of it runs on the system top.
+    """
+    cfg = load_config(hw)
+    pattern = tuple(cfg.fpga.nm_patterns[nm])
+    rng = np.random.default_rng(seed)
+    bits, group_log2 = 4, 5
+    qw = quant_weight(rng, n, k, bits, pattern, isa.group_size(group_log2, k))
+    tile = layout.pack_weight_tile(qw, pattern)
+    a8, mant, exp = activations(rng, m, k)
+    scales = layout.pack_scale_codes(mant, exp)
+    resid = rng.integers(-(1 << 20), 1 << 20, (m, n)).astype(np.int32)
+    sizes = {"w": tile.size, "a": a8.size, "s": scales.size, "r": 4 * m * n, "o": 4 * m * n,
+             "y": 4 * m * n, "q": m * n, "qs": m * layout.SCALE_CODE_BYTES}
+    addr = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist()))
+    mxu = [isa.encode("MXU.GEMM", m=m, n=n, k=k, a_addr=addr["a"], s_addr=addr["s"],
+                      w_addr=addr["w"], o_addr=addr["o"], bits=bits, nm=nm,
+                      group_log2=group_log2),
+           isa.encode("PUSH", dst=isa.Engine.VPU), isa.encode("HALT")]
+    vpu = [isa.encode("POP", src=isa.Engine.MXU),
+           isa.encode("VPU.ADD", m=m, n=n, a_addr=addr["o"], b_addr=addr["r"],
+                      o_addr=addr["y"]),
+           isa.encode("VPU.QUANT", m=m, n=n, x_addr=addr["y"], o_addr=addr["q"],
+                      s_addr=addr["qs"]),
+           isa.encode("HALT")]
+    y = special.add_sat(numerics.linear(a8, mant, exp, qw.w_eff, qw.mult, qw.shift), resid)
+    q, qmant, qexp = numerics.quantize_act(y)
+    gemv = pim_gemv(cfg, rng, m=1, n=pim_n, k=pim_k)
+    entry = Entry("block", "decode", {"mxu": mxu, "vpu": vpu, "pim": gemv["program"]},
+                  inputs=[TensorSpec("a", "SRAM", addr["a"], "int8", (m, k)),
+                          TensorSpec("s", "SRAM", addr["s"], "uint8", (scales.size,)),
+                          TensorSpec("r", "SRAM", addr["r"], "int32", (m, n)),
+                          *gemv["inputs"]],
+                  outputs=[TensorSpec("y", "SRAM", addr["y"], "int32", (m, n)),
+                           TensorSpec("q", "SRAM", addr["q"], "int8", (m, n)),
+                           TensorSpec("qs", "SRAM", addr["qs"], "uint8", (sizes["qs"],)),
+                           *gemv["outputs"]])
+    bundle = Bundle({"name": f"block-{n}x{k}-{pattern[0]}of{pattern[1]}"}, _hardware(cfg),
+                    {"w_bits": bits, "nm": list(pattern)}, {"block": entry},
+                    images=[MemoryImage("weights", "SRAM", addr["w"], tile), *gemv["images"]],
+                    tests={"block": {"inputs": {"a": a8, "s": scales, "r": resid,
+                                                **gemv["test_inputs"]},
+                                     "expected": {"y": y, "q": q,
+                                                  "qs": layout.pack_scale_codes(qmant, qexp),
+                                                  **gemv["expected"]}}})
     return write_bundle(bundle, out)
 
 

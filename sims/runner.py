@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -36,9 +37,10 @@ VERILATOR_FLAGS = ("-Wno-fatal", "-Wno-lint", "-Wno-style", "--x-assign", "fast"
 MAKE_VARIABLES = ("CFG_CXXFLAGS_PCH_I=-include",)
 """Make overrides of every build: the wheel's verilated.mk leaves the precompiled-header switch
 empty, so g++ would read the header as a linker input."""
-FAST_MODEL = "OPT_FAST=-O3"
-"""Harness libraries compile the model at -O3 (about twice as fast as the default -Os);
-cocotb builds keep -Os, as Python sets their pace and they compile sooner."""
+FAST_MODEL = "OPT_FAST=-O3 -march=native"
+"""Harness libraries compile the model at -O3 for the building CPU (about twice as fast as the
+default -Os, and a third faster again with the CPU's own instructions; `cpu_model` keys the
+cache); cocotb builds keep -Os, as Python sets their pace and they compile sooner."""
 LIBRARY_CFLAGS = "-fPIC -fno-semantic-interposition -std=c++17"
 """Compiler flags of a shared-library build: position independent, yet free to inline calls
 between the model's own functions."""
@@ -74,6 +76,17 @@ def verilator_version() -> str:
     from importlib.metadata import version
 
     return version("verilator")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (or its architecture), part of a harness library's digest: a
+    library built for one CPU's instructions may not run on another."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def cache_dir() -> Path:
@@ -350,7 +363,7 @@ def build_library(d: Design, cpp: list, *, control: str, glue, version: str) -> 
     """
     texts = [Path(p).read_text() for p in cpp]
     key = digest("lib", d.digest, list(VERILATOR_FLAGS), LIBRARY_CFLAGS, texts, control,
-                 version, verilator_version(), make_variables(fast=True))
+                 version, verilator_version(), make_variables(fast=True), cpu_model())
     out = cache_dir() / f"lib-{d.name}-{key[:16]}"
     lib = out / f"libtrimem_{d.name}.so"
     with locked(out.with_suffix(".lock")):

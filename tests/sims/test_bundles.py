@@ -13,8 +13,9 @@ pytestmark = pytest.mark.unit
 @pytest.mark.parametrize("make", [
     lambda out: bundles.linear_bundle(out, nm=1, m=2, n=6, k=32),
     lambda out: bundles.pim_bundle(out, m=2, n=4, k=96, repeat=2),
+    lambda out: bundles.block_bundle(out, m=1, n=8, k=32),
     lambda out: bundles.attention_bundle(out, ctx=12, topk=3, splits=2),
-], ids=["linear", "pim", "attention"])
+], ids=["linear", "pim", "block", "attention"])
 def test_bundles_match_their_expected_outputs_on_the_emulator(make, tmp_path):
     result = run_bundle(make(tmp_path / "b"))
     assert result.report["outputs_match"] is True

@@ -11,7 +11,6 @@ from trimem.sims import cosim, runner
 pytestmark = [pytest.mark.cosim, pytest.mark.slow]
 
 
-
 @pytest.mark.parametrize("nm", [0, 1], ids=["dense", "2of4"])
 def test_a_linear_layer_is_bit_and_cycle_exact(linear_bundles, nm):
     result = cosim.cosim(linear_bundles[nm])
@@ -65,54 +64,44 @@ def pim_refresh_bundle(tmp_path_factory):
                       seed=4)
 
 
-def test_pim_gemvs_across_refreshes_stay_bit_exact(pim_refresh_bundle, small):
+def test_pim_gemvs_across_refreshes_are_bit_and_cycle_exact(pim_refresh_bundle, small):
     result = cosim.cosim(pim_refresh_bundle)
     assert result.emulator_cycles > small.pim.tREFI
-    assert result.bit_exact, result.divergence.text()
-
-
-@pytest.mark.xfail(strict=True, reason="the PIM channels count refresh intervals from reset, "
-                                       "the emulator from the stream's cycle 0")
-def test_pim_gemvs_across_refreshes_are_cycle_exact(pim_refresh_bundle):
-    assert cosim.cosim(pim_refresh_bundle).cycle_exact
-
-
-@pytest.fixture(scope="module")
-def attention_bundles(tmp_path_factory):
-    """Decode attention at position 23 over KV4: all tokens kept, and the top 4 of them."""
-    from trimem.sims.bundles import attention_bundle
-
-    root = tmp_path_factory.mktemp("attn")
-    return {topk: attention_bundle(root / f"top{topk}", topk=topk, splits=2, seed=topk)
-            for topk in (0, 4)}
-
-
-@pytest.mark.parametrize("topk", [0, 4], ids=["all-tokens", "top-4"])
-def test_a_decode_attention_step_is_bit_exact(attention_bundles, topk):
-    result = cosim.cosim(attention_bundles[topk])
-    assert result.top == "system"
-    assert result.bit_exact, result.divergence.text()
-
-
-@pytest.mark.xfail(strict=True, reason="the attention engine counts the cycles of its "
-                                       "sequential datapath, not docs/timing.md's closed form")
-def test_a_decode_attention_step_is_cycle_exact(attention_bundles):
-    assert cosim.cosim(attention_bundles[4]).cycle_exact
+    assert result.bit_exact and result.cycle_exact, result.divergence.text()
+    assert result.rtl_cycles == result.emulator_cycles
 
 
 @pytest.fixture(scope="module")
 def decoder_layer(tiny_model, tmp_path_factory):
-    """One decoder layer of the tiny random LLaMA, compiled for trimem-small (decode, ctx 16)."""
+    """One decoder layer of the tiny random LLaMA, compiled for trimem-small (decode, ctx 16),
+    its linear layers on the MXU (the PIM banks of trimem-small hold too few rows for the MLP)."""
     from trimem.compiler.pipeline import compile_model
 
     out = tmp_path_factory.mktemp("layer") / "bundle"
-    compile_model(tiny_model(), "trimem-small", layers=1, buckets="decode:1@16", out=out)
+    compile_model(tiny_model(), "trimem-small", layers=1, buckets="decode:1@16",
+                  placement={"linear": "mxu"}, out=out)
     return out
 
 
 @pytest.mark.xfail(strict=True, raises=runner.SimError,
-                   reason="the RTL has no DMA engine and no HBM or HOST model, and its VPU lacks "
-                          "EMBED, RMSNORM, KVAPP and ATTN; a compiled layer needs them all")
+                   reason="a compiled layer moves weights from HBM and tokens from HOST by "
+                          "DMA, which the RTL lacks (no DMA engine, no HBM or HOST model), and "
+                          "runs VPU.EMBED and VPU.RMSNORM, which its VPU does not build")
 def test_a_decoder_layer_of_a_tiny_model_is_bit_and_cycle_exact(decoder_layer):
     result = cosim.cosim(decoder_layer)
     assert result.bit_exact and result.cycle_exact
+
+
+@pytest.fixture(scope="module")
+def block_bundle(tmp_path_factory):
+    """A GEMM, the VPU's residual add and quantize after a token, and a GEMV beside them."""
+    from trimem.sims.bundles import block_bundle
+
+    return block_bundle(tmp_path_factory.mktemp("block") / "bundle", nm=1, seed=5)
+
+
+def test_streams_meeting_through_tokens_on_the_system_top_are_bit_and_cycle_exact(block_bundle):
+    result = cosim.cosim(block_bundle)
+    assert result.top == "system"
+    assert result.bit_exact and result.cycle_exact, result.divergence.text()
+    assert result.rtl_cycles == result.emulator_cycles > 0

@@ -35,6 +35,22 @@ def test_builds_fix_the_wheels_precompiled_header_switch():
     assert "CFG_CXXFLAGS_PCH_I=-include" in runner.make_variables()
 
 
+def test_only_harness_libraries_are_compiled_for_this_cpu():
+    assert "OPT_FAST=-O3 -march=native" in runner.make_variables(fast=True)
+    assert not any("-march" in v for v in runner.make_variables())
+
+
+def test_the_cpu_model_falls_back_to_the_architecture_without_proc(monkeypatch):
+    import platform
+
+    def missing(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    assert runner.cpu_model()
+    monkeypatch.setattr(runner, "open", missing, raising=False)
+    assert runner.cpu_model() == platform.machine()
+
+
 def test_an_unknown_top_is_rejected_with_the_known_ones():
     with pytest.raises(runner.SimError, match=r"^no HDL top or component called 'nope'; "
                                               r"known: .*\bmxu\b"):

@@ -9,9 +9,6 @@ from trimem import isa
 from trimem.sims import runner, tb_csd, tb_dsp_chain, tb_mxu, tb_pim, tb_vpu, testbench
 
 SEEDS = (0, 1)
-KNOWN: dict[str, str] = {}
-"""Components whose RTL departs from the contract, and how; their tests must fail until the
-RTL is fixed (strict xfail)."""
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +95,10 @@ def test_layouts_pack_fields_at_their_offsets():
     assert tb_dsp_chain.pack(layout, {"a": [1, -1], "b": 3}) == 0x3FF01
 
 
-def components():
-    return [pytest.param(name, marks=pytest.mark.xfail(raises=runner.SimError, strict=True,
-                                                       reason=KNOWN[name]))
-            if name in KNOWN else name for name in testbench.COMPONENTS]
-
-
 @pytest.mark.cosim
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", components())
+@pytest.mark.parametrize("name", list(testbench.COMPONENTS))
 def test_every_component_matches_the_emulator_bit_and_cycle_exactly(name, seed, small,
                                                                     tmp_path):
     report = testbench.run_component(name, seed=seed, cfg=small, workdir=tmp_path)
@@ -148,15 +139,3 @@ def test_csd_cases_mask_rows_and_prune_some_tokens(small):
     assert any(a["m"] > 1 for a in attns) and any(a["splits"] > 1 for a in attns)
     assert any(0 < a["topk"] < 1 << a["ctx_log2"] for a in attns)
     assert any(a["q_heads"] > a["kv_heads"] for a in attns)
-
-
-@pytest.mark.cosim
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(KNOWN))
-def test_components_off_the_timing_contract_still_compute_bit_exactly(name, small, tmp_path):
-    try:
-        report = testbench.run_component(name, seed=0, cfg=small, workdir=tmp_path)
-    except runner.SimError as exc:
-        report = exc.report
-        assert report["divergence"]["kind"] == "cycles", KNOWN[name]
-    assert report["bit_exact"]
