@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 from trimem import layout
 from trimem.compiler.ir import CompileError, Graph, OpKind, option
-from trimem.compiler.tile import FX_BYTES, LINEARS, pim_tiles, weight_bytes
+from trimem.compiler.tile import FX_BYTES, LINEARS, pim_offsets, pim_tiles, weight_bytes
 from trimem.layout import SCALE_CODE_BYTES
 
 KV_OPS = (OpKind.KV_APPEND, OpKind.ATTENTION)
@@ -269,6 +269,30 @@ def _place_linear(cfg, op, forced: str | None) -> dict:
     return {"engine": engine, **note, "reason": why}
 
 
+class BankFill:
+    """The PIM banks as the placement fills them, weight by weight in op order: a linear the
+    roofline sends to PIM whose tiles no longer fit the banks goes to the MXU instead (stacked
+    as `tile.plan_memory` stacks them)."""
+
+    def __init__(self, cfg):
+        self.tops = [0] * cfg.pim.channels if cfg.pim is not None else []
+        self.placed: set = set()
+
+    def admit(self, cfg, op, decision: dict) -> dict:
+        weight = op.attrs["weight"]
+        if decision["engine"] != "PIM" or weight in self.placed:
+            return decision
+        tops = list(self.tops)
+        end = max(e for _, _, e in pim_offsets(cfg, pim_tiles(cfg, op), tops))
+        if end <= cfg.pim.bank_bytes or decision["reason"] == "override" \
+                or "MXU" not in decision["seconds"]:
+            self.tops = tops
+            self.placed.add(weight)
+            return decision
+        return {**decision, "engine": "MXU",
+                "reason": f"PIM banks full ({end} of {cfg.pim.bank_bytes} B per bank)"}
+
+
 def run(graph: Graph, cfg, options=None) -> Graph:
     """Set `op.engine` of every op and note the decision in `op.annotations["place"]`.
 
@@ -279,9 +303,10 @@ def run(graph: Graph, cfg, options=None) -> Graph:
     overrides = parse_overrides(option(options, "placement", None))
     kv = kv_engine(cfg, overrides)
     out = graph.clone()
+    banks = BankFill(cfg)
     for op in out.ops:
         if op.kind in LINEARS:
-            decision = _place_linear(cfg, op, overrides.get(op.kind))
+            decision = banks.admit(cfg, op, _place_linear(cfg, op, overrides.get(op.kind)))
         elif op.kind in KV_OPS:
             op_b = intensity(op)
             decision = {"engine": kv, "op_b": op_b, "reason": f"KV cache in {KV_HOME[kv]}"}

@@ -274,20 +274,28 @@ def _linears(graphs) -> dict:
     return out
 
 
-def _place_pim(cfg, name, op, tiles, tops, memory) -> None:
-    """Give each PIM tile the same row-aligned offset in every bank of its channels."""
-    pim, placed = cfg.pim, []
+def pim_offsets(cfg, tiles, tops: list) -> list:
+    """(tile, offset, end) of each PIM tile stacked on the channels' bank tops `tops` (updated
+    in place): the same row-aligned offset in every bank of a tile's channels."""
+    out = []
     for tile in tiles:
         offset = max(tops[c] for c in tile.channels)
-        end = offset + tile.bank_rows * pim.row_bytes
-        if end > pim.bank_bytes:
-            raise CompileError(f"PIMDRAM buffer {name!r} tile [{tile.n0}, {tile.n1}) "
-                               f"overflows a bank by {end - pim.bank_bytes} bytes; use "
-                               f"fewer --layers, more PIM channels or run it on the MXU")
+        end = offset + tile.bank_rows * cfg.pim.row_bytes
         for c in tile.channels:
             tops[c] = end
-        placed.append((tile, offset))
-    memory.pim[name] = placed
+        out.append((tile, offset, end))
+    return out
+
+
+def _place_pim(cfg, name, op, tiles, tops, memory) -> None:
+    """Give each PIM tile the same row-aligned offset in every bank of its channels."""
+    placed = pim_offsets(cfg, tiles, tops)
+    for tile, _, end in placed:
+        if end > cfg.pim.bank_bytes:
+            raise CompileError(f"PIMDRAM buffer {name!r} tile [{tile.n0}, {tile.n1}) "
+                               f"overflows a bank by {end - cfg.pim.bank_bytes} bytes; use "
+                               f"fewer --layers, more PIM channels or run it on the MXU")
+    memory.pim[name] = [(tile, offset) for tile, offset, _ in placed]
 
 
 def plan_memory(graphs: list, cfg) -> MemoryMap:
