@@ -16,8 +16,17 @@ elements per cycle:
   reciprocal `floor((127 << RECIP_SHIFT) / mant)` in a ROM built from numerics' own
   `_reciprocal`, so QUANT chunks of the row start the next cycle;
   QUANT gives `clip(rshift_round(x * R, RECIP_SHIFT + exp), -127, 127)`.
+- `RMS_SQ`, `RMS_AMAX` then `RMS_QUANT`: the three passes of trimem.special.rmsnorm_quant.
+  The row shift `sh = bits(max|x|) - RMS_IN_BITS` is known only after the row, and each
+  x' = rshift_round(x, sh) is rounded, so RMS_SQ keeps the row max and one sum of x'**2 per
+  shift the row can have (sh <= 0 is one sum of x**2, scaled after). In the cycle after the
+  row's last RMS_SQ chunk the unit picks its sum, divides by n and normalizes the mean
+  square; the next cycle's integer rsqrt feeds the multiply of the first RMS_AMAX chunk, so
+  the scalar work fits the pipeline's fill. RMS_AMAX gives y = x' r gamma, rounded and
+  saturated as in rmsnorm, and its row max, scale code and reciprocal as AMAX does; RMS_QUANT
+  computes y again and quantizes it as QUANT does, one stage later.
 
-Amaranth expression helpers (`rshift_round`, `saturate`, `bit_length`, `encode_amax`) build
+Amaranth expression helpers (`rshift_round`, `saturate`, `bit_length`, `encode_amax`, `rsqrt`) build
 the same integer operations as the numpy definitions, for any shift amount the contract allows.
 """
 from __future__ import annotations
@@ -29,6 +38,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from trimem import numerics, special
+from trimem.hdl.frontend import SIZE_BITS
 from trimem.numerics import (ACT_EXP_MAX, ACT_FRAC, ACT_QMAX, INT32_MAX, RECIP_SHIFT,
                              SCALE_MANT_BITS)
 
@@ -59,6 +69,24 @@ SIG_BITS = special.SIGMOID_FRAC + 1
 """Width of a sigmoid in Q0.SIGMOID_FRAC, which reaches 1.0 = 2**SIGMOID_FRAC."""
 ROPE_BITS = special.rope_table(np.zeros(1), 1)[0].dtype.itemsize * 8
 """Width of a RoPE table entry (Q1.ROPE_FRAC, the dtype special.rope_table builds)."""
+RMS_SHIFTS = FX_BITS - special.RMS_IN_BITS
+"""Largest RMSNorm row shift (17, at max |x| = 2**31); rows below 2**14 shift left instead."""
+XS_BITS = special.RMS_IN_BITS + 2
+"""Width of a shifted RMSNorm element x' (|x'| <= 2**RMS_IN_BITS)."""
+SUMSQ_BITS = 2 * special.RMS_IN_BITS + SIZE_BITS
+"""Width of a row's sum of x'**2 (at most n * 2**30 for n < 2**16)."""
+MEAN_BITS = 2 * special.RMS_IN_BITS + 1
+"""Width of the rounded mean of x'**2 (at most 2**30)."""
+EPS_BITS = special.EPS_MAX.bit_length()
+"""Width of the RMSNorm epsilon code."""
+MS_BITS = EPS_BITS + 2 * special.RMS_IN_BITS + 1
+"""Width of ms = mean + eps shifted with the row (eps << 30 at sh = -15, below 2**62)."""
+MS_TOP = special.RSQRT_BITS - 1
+"""bits(ms) at which rmsnorm's normalisation shift e is 0."""
+NORM_SHIFT = special.RSQRT_BITS + special.GAMMA_FRAC - ACT_FRAC
+"""y = x' r gamma >> (NORM_SHIFT + e) brings Q.RSQRT_BITS x Q.GAMMA_FRAC to fx."""
+NORM_BITS = XS_BITS + FX_BITS
+"""Width of x' * gamma."""
 MAX_LANES = 256
 """Most lanes a VPU is built with."""
 
@@ -70,6 +98,9 @@ class VpuOp(enum.Enum, shape=3):
     AMAX = 2
     QUANT = 3
     ROPE = 4
+    RMS_SQ = 5
+    RMS_AMAX = 6
+    RMS_QUANT = 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +137,22 @@ def bit_length(m, x, name: str):
     return out
 
 
+def abs_max(m, values, count, name: str):
+    """max |values[i]| over the first `count` lanes (0 for none), FX_BITS + 1 bits wide."""
+    top = Const(0, FX_BITS + 1)
+    for i, v in enumerate(values):
+        live = Mux(i < count, Mux(v < 0, -v, v), 0)
+        out = Signal(FX_BITS + 1, name=f"{name}{i}")
+        m.d.comb += out.eq(Mux(live > top, live, top))
+        top = out
+    return top
+
+
+def clip_q(x):
+    """Clamp to the a8 range [-ACT_QMAX, ACT_QMAX] (quantize_act)."""
+    return Mux(x > ACT_QMAX, ACT_QMAX, Mux(x < -ACT_QMAX, -ACT_QMAX, x))
+
+
 def encode_amax(m, amax, name: str = "code"):
     """(mant, exp) Signals of trimem.numerics.encode_amax for unsigned amax."""
     top = Signal(len(amax), name=f"{name}_top")
@@ -139,23 +186,46 @@ def divide(m, num, den, bits: int, name: str):
     return out
 
 
+def rsqrt(m, value, name: str):
+    """floor(2**RSQRT_BITS / sqrt(value)) for value in [2**(RSQRT_BITS - 2), 2**RSQRT_BITS]:
+    the largest r with r * r * value <= 2**(2 RSQRT_BITS), one result bit per step. This is
+    rmsnorm's isqrt(2**60 // m) without the division, since r * r <= floor(2**60 / m)
+    exactly when r * r * m <= 2**60."""
+    root = Const(0, special._SQRT_STEPS)
+    for bit in reversed(range(special._SQRT_STEPS)):
+        trial = root | (1 << bit)
+        step = Signal(special._SQRT_STEPS, name=f"{name}{bit}")
+        m.d.comb += step.eq(Mux(trial * trial * value <= 1 << 2 * special.RSQRT_BITS,
+                                trial, root))
+        root = step
+    return root
+
+
+def shift_signed(x, left, right):
+    """rshift_round(x, right - left) for unsigned shifts of which one is 0 (a left shift when
+    left > 0), as rmsnorm shifts by a signed amount."""
+    return rshift_round(x << left, right)
+
+
 # ---------------------------------------------------------------------------------------------
 # The lanes
 # ---------------------------------------------------------------------------------------------
 
 def slot_layout(lanes: int) -> data.StructLayout:
     """One chunk in: operation, operands, live lanes, and its place in the row; for ROPE also
-    the table's cos and sin per lane and whether the chunk is in the second half of a head."""
+    the table's cos and sin per lane and whether the chunk is in the second half of a head;
+    for RMSNORM the row length and the epsilon code."""
     return data.StructLayout({"op": VpuOp, "a": data.ArrayLayout(signed(FX_BITS), lanes),
                               "b": data.ArrayLayout(signed(FX_BITS), lanes),
                               "cos": data.ArrayLayout(signed(ROPE_BITS), lanes),
                               "sin": data.ArrayLayout(signed(ROPE_BITS), lanes),
-                              "second": 1, "count": range(lanes + 1), "first": 1, "last": 1})
+                              "second": 1, "count": range(lanes + 1), "first": 1, "last": 1,
+                              "n": unsigned(SIZE_BITS), "eps": unsigned(EPS_BITS)})
 
 
 def result_layout(lanes: int) -> data.StructLayout:
-    """One chunk out: fx results (ADD, SILUMUL), a8 results (QUANT), and after a row's last
-    AMAX chunk the row's scale code."""
+    """One chunk out: fx results (ADD, SILUMUL, ROPE), a8 results (QUANT, RMS_QUANT), and
+    after a row's last AMAX or RMS_AMAX chunk the row's scale code."""
     return data.StructLayout({"op": VpuOp, "y": data.ArrayLayout(signed(FX_BITS), lanes),
                               "q": data.ArrayLayout(signed(A8_BITS), lanes),
                               "mant": unsigned(SCALE_MANT_BITS), "exp": unsigned(EXP_BITS),
@@ -163,12 +233,13 @@ def result_layout(lanes: int) -> data.StructLayout:
 
 
 class VectorUnit(wiring.Component):
-    """`lanes` fx lanes: ADD, SILUMUL, ROPE, and the AMAX / QUANT passes of quantize_act.
+    """`lanes` fx lanes: ADD, SILUMUL, ROPE, the AMAX / QUANT passes of quantize_act and the
+    RMS_SQ / RMS_AMAX / RMS_QUANT passes of rmsnorm_quant.
 
     A chunk on `i_slot` in cycle c gives its result on `o_slot` in cycle c + 2 (two registers,
-    then round-saturate feeding the output combinationally). A row's QUANT chunks may follow
-    its last AMAX chunk in the very next cycle. The pipeline never stalls: `i_slot.ready` is
-    always 1 and `o_slot.ready` is not looked at.
+    then round-saturate feeding the output combinationally). A row's next pass may follow its
+    last chunk of AMAX, RMS_SQ or RMS_AMAX in the very next cycle. The pipeline never stalls:
+    `i_slot.ready` is always 1 and `o_slot.ready` is not looked at.
 
     Parameters
     ----------
@@ -199,32 +270,76 @@ class VectorUnit(wiring.Component):
                                             init=[0] + [int(v) for v in RECIP_TABLE])
 
         # -- control travelling with the chunk ------------------------------------------------
-        ctl = data.StructLayout({"valid": 1, "op": VpuOp, "count": range(lanes + 1), "last": 1,
+        ctl = data.StructLayout({"valid": 1, "op": VpuOp, "count": range(lanes + 1),
+                                 "first": 1, "last": 1,
                                  "mant": unsigned(SCALE_MANT_BITS), "exp": unsigned(EXP_BITS)})
         ctl1, ctl2 = Signal(ctl), Signal(ctl)
         m.d.sync += [ctl1.valid.eq(self.i_slot.valid), ctl1.op.eq(slot.op),
-                     ctl1.count.eq(slot.count), ctl1.last.eq(slot.last), ctl2.eq(ctl1)]
+                     ctl1.count.eq(slot.count), ctl1.first.eq(slot.first),
+                     ctl1.last.eq(slot.last), ctl2.eq(ctl1)]
 
-        # -- AMAX: the row maximum, its scale code and reciprocal -----------------------------
+        # -- AMAX and RMS_SQ: the row maximum; AMAX's scale code and reciprocal ---------------
         amax = Signal(FX_BITS + 1)
         row_exp = Signal(ROW_EXP)
-        chunk_max = Const(0, FX_BITS + 1)
-        for i in range(lanes):
-            mag = Mux(slot.a[i] < 0, -slot.a[i], slot.a[i])
-            live = Mux(i < slot.count, mag, 0)
-            top = Signal(FX_BITS + 1, name=f"amax{i}")
-            m.d.comb += top.eq(Mux(live > chunk_max, live, chunk_max))
-            chunk_max = top
+        chunk_max = abs_max(m, [slot.a[i] for i in range(lanes)], slot.count, "amax")
         row_max = Signal(FX_BITS + 1)
         m.d.comb += row_max.eq(Mux(slot.first | (chunk_max > amax), chunk_max, amax))
         mant, exp = encode_amax(m, row_max)
         is_amax = self.i_slot.valid & (slot.op == VpuOp.AMAX)
-        with m.If(is_amax):
+        is_sq = self.i_slot.valid & (slot.op == VpuOp.RMS_SQ)
+        with m.If(is_amax | is_sq):
             m.d.sync += amax.eq(row_max)
-            with m.If(slot.last):
-                m.d.sync += [row_exp.eq(exp), ctl1.mant.eq(mant), ctl1.exp.eq(exp)]
+        with m.If(is_amax & slot.last):
+            m.d.sync += [row_exp.eq(exp), ctl1.mant.eq(mant), ctl1.exp.eq(exp)]
         recip_rd = recip.read_port()
-        m.d.comb += [recip_rd.addr.eq(mant), recip_rd.en.eq(is_amax & slot.last)]
+
+        # -- RMS_SQ: sum x'**2 for every row shift, then the row shift ------------------------
+        sums = []
+        for s in range(RMS_SHIFTS + 1):
+            total = 0
+            for i in range(lanes):
+                xs = Signal(signed(XS_BITS), name=f"sq{s}_x{i}")
+                m.d.comb += xs.eq(Mux(i < slot.count, rshift_round(slot.a[i], s), 0))
+                total = total + xs * xs
+            acc = Signal(SUMSQ_BITS, name=f"sumsq{s}")
+            with m.If(is_sq):
+                m.d.sync += acc.eq(Mux(slot.first, 0, acc) + total)
+            sums.append(acc)
+        row_len = bit_length(m, row_max, "rms_len")
+        lsh = Signal(range(special.RMS_IN_BITS + 1))        # -sh where sh < 0
+        rsh = Signal(range(RMS_SHIFTS + 1))                  # sh where sh > 0
+        n = Signal(SIZE_BITS)
+        eps = Signal(EPS_BITS)
+        norm_load = Signal()
+        m.d.sync += norm_load.eq(is_sq & slot.last)
+        with m.If(is_sq & slot.last):
+            m.d.sync += [
+                lsh.eq(Mux(row_len < special.RMS_IN_BITS, special.RMS_IN_BITS - row_len, 0)),
+                rsh.eq(Mux(row_len > special.RMS_IN_BITS, row_len - special.RMS_IN_BITS, 0)),
+                n.eq(slot.n), eps.eq(slot.eps)]
+
+        # -- the cycle after the row's last RMS_SQ chunk: mean square, normalised -------------
+        sumsq = Signal(SUMSQ_BITS)
+        with m.Switch(rsh):
+            for s in range(RMS_SHIFTS + 1):
+                with m.Case(s):
+                    m.d.comb += sumsq.eq(sums[s] << 2 * lsh if s == 0 else sums[s])
+        mean = divide(m, sumsq + (n >> 1), n, MEAN_BITS, "mean")
+        ms = Signal(MS_BITS)
+        m.d.comb += ms.eq(mean + shift_signed(eps, 2 * lsh, 2 * rsh))
+        ms_pos = Signal(MS_BITS)
+        m.d.comb += ms_pos.eq(Mux(ms == 0, 1, ms))
+        ms_len = bit_length(m, ms_pos, "ms_len")
+        e_up = Signal(range(MS_BITS))                         # e where e > 0
+        e_down = Signal(range(MS_TOP))                        # -e where e < 0
+        m.d.comb += [e_up.eq(Mux(ms_len > MS_TOP, (ms_len - MS_TOP) >> 1, 0)),
+                     e_down.eq(Mux(ms_len < MS_TOP, (MS_TOP + 1 - ms_len) >> 1, 0))]
+        norm = Signal(special.RSQRT_BITS + 1)
+        y_shift = Signal(range(NORM_SHIFT + MS_BITS))
+        with m.If(norm_load):
+            m.d.sync += [norm.eq(shift_signed(ms_pos, 2 * e_down, 2 * e_up)),
+                         y_shift.eq(NORM_SHIFT + e_up - e_down)]
+        r = rsqrt(m, norm, "rsqrt")
 
         # -- stage 1: operands in -------------------------------------------------------------
         add1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
@@ -235,6 +350,7 @@ class VectorUnit(wiring.Component):
         rot_width = FX_BITS + ROPE_BITS
         cos1 = Signal(data.ArrayLayout(signed(rot_width), lanes))
         sin1 = Signal(data.ArrayLayout(signed(rot_width), lanes))
+        norm1 = Signal(data.ArrayLayout(signed(NORM_BITS), lanes))
         second1 = Signal()
         m.d.sync += second1.eq(slot.second)
         luts = []
@@ -248,17 +364,22 @@ class VectorUnit(wiring.Component):
             v = Signal(range(EXP_WHOLE.stop << special.EXP_LUT_BITS), name=f"v{i}")
             m.d.comb += v.eq(rshift_round(u * special.LOG2E_MULT, EXP_SHIFT))
             m.d.comb += lut.addr.eq(v[:special.EXP_LUT_BITS])
+            xs = Signal(signed(XS_BITS), name=f"xs{i}")
+            m.d.comb += xs.eq(shift_signed(a, lsh, rsh))
             m.d.sync += [add1[i].eq(saturate(a + b, FX_BITS)), prod1[i].eq(a * recip_rd.data),
                          a1[i].eq(a), b1[i].eq(b), n1[i].eq(v >> special.EXP_LUT_BITS),
-                         cos1[i].eq(a * slot.cos[i]), sin1[i].eq(b * slot.sin[i])]
+                         cos1[i].eq(a * slot.cos[i]), sin1[i].eq(b * slot.sin[i]),
+                         norm1[i].eq(xs * b)]
 
-        # -- stage 2: function / LUT ----------------------------------------------------------
+        # -- stage 2: function / LUT; RMSNORM's y, its row max, scale code and reciprocal -----
         add2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         rot2 = Signal(data.ArrayLayout(signed(rot_width + 1), lanes))
         q2 = Signal(data.ArrayLayout(signed(A8_BITS), lanes))
         a2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         b2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         sig2 = Signal(data.ArrayLayout(unsigned(SIG_BITS), lanes))
+        y1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
+        y2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         for i in range(lanes):
             lut = luts[i]
             e = Signal(special.EXP_FRAC + 1, name=f"e{i}")
@@ -270,10 +391,23 @@ class VectorUnit(wiring.Component):
             low = divide(m, num, den, SIG_BITS, f"low{i}")
             q = rshift_round(prod1[i], RECIP_SHIFT + row_exp)
             turn = Mux(second1, cos1[i] + sin1[i], cos1[i] - sin1[i])
+            m.d.comb += y1[i].eq(saturate(rshift_round(norm1[i] * r, y_shift), FX_BITS))
             m.d.sync += [add2[i].eq(add1[i]), a2[i].eq(a1[i]), b2[i].eq(b1[i]),
                          rot2[i].eq(rshift_round(turn, special.ROPE_FRAC)),
                          sig2[i].eq(Mux(a1[i] >= 0, (1 << special.SIGMOID_FRAC) - low, low)),
-                         q2[i].eq(Mux(q > ACT_QMAX, ACT_QMAX, Mux(q < -ACT_QMAX, -ACT_QMAX, q)))]
+                         q2[i].eq(clip_q(q)), y2[i].eq(y1[i])]
+        ymax = Signal(FX_BITS + 1)
+        chunk_ymax = abs_max(m, [y1[i] for i in range(lanes)], ctl1.count, "ymax")
+        row_ymax = Signal(FX_BITS + 1)
+        m.d.comb += row_ymax.eq(Mux(ctl1.first | (chunk_ymax > ymax), chunk_ymax, ymax))
+        ymant, yexp = encode_amax(m, row_ymax, "ycode")
+        is_ymax = ctl1.valid & (ctl1.op == VpuOp.RMS_AMAX)
+        with m.If(is_ymax):
+            m.d.sync += ymax.eq(row_ymax)
+        with m.If(is_ymax & ctl1.last):
+            m.d.sync += [row_exp.eq(yexp), ctl2.mant.eq(ymant), ctl2.exp.eq(yexp)]
+        m.d.comb += [recip_rd.addr.eq(Mux(is_ymax, ymant, mant)),
+                     recip_rd.en.eq((is_amax & slot.last) | (is_ymax & ctl1.last))]
 
         # -- stage 3: round and saturate into the output --------------------------------------
         out = self.o_slot.payload
@@ -291,6 +425,6 @@ class VectorUnit(wiring.Component):
                     m.d.comb += out.y[i].eq(saturate(rot2[i], FX_BITS))
                 with m.Default():
                     m.d.comb += out.y[i].eq(saturate(prod, FX_BITS))
-            m.d.comb += out.q[i].eq(q2[i])
+            yq = rshift_round(y2[i] * recip_rd.data, RECIP_SHIFT + row_exp)
+            m.d.comb += out.q[i].eq(Mux(ctl2.op == VpuOp.RMS_QUANT, clip_q(yq), q2[i]))
         return m
-

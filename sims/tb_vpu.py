@@ -1,10 +1,12 @@
 """Testbench of the VPU top: every VPU op the RTL builds (`trimem.hdl.vpu_top.BUILT`: ADD,
-SILUMUL, ROPE, QUANT), against the emulator.
+SILUMUL, ROPE, QUANT, RMSNORM), against the emulator.
 
 Rows are drawn at three scales (small fx values, values near the int32 limits so that ADD,
 SILUMUL and ROPE saturate, and full-range values), with row lengths below, at and above the
 lane count and not a multiple of it, several rows per instruction, unaligned addresses, an
-all-zero row (QUANT's smallest scale code) and a row holding INT32_MIN (the largest |x|);
+all-zero row (QUANT's smallest scale code) and a row holding INT32_MIN (the largest |x|),
+each quantized and normalized; RMSNORM gets full-range gamma and an epsilon of 0, 1e-6,
+1e-5 or the largest code;
 ROPE rows sit at random positions of a table from `trimem.special.rope_table`, position 0
 included, with head_dim a multiple of 2 * lanes (the RTL's chunks tile half heads). Outputs
 are compared bit for bit and every issue cycle exactly.
@@ -24,6 +26,8 @@ from trimem.sims.tb_mxu import Allocator
 ROPE_BASE = 10000.0
 """RoPE frequency base of the drawn tables (LLaMA's)."""
 ROPE_POSITIONS = 64
+EPS_CODES = (0, special.quantize_eps(1e-6), special.quantize_eps(1e-5), special.EPS_MAX)
+"""RMSNORM epsilon codes drawn from: none, common model values, the largest."""
 SCALES = (1 << 14, 1 << 30, None)
 """|x| bounds of the drawn rows: fx values near 4.0, near the int32 limits, the full range."""
 
@@ -76,6 +80,16 @@ class Case:
         fields["s_addr"] = self.output("u1", (m, layout.SCALE_CODE_BYTES))
         self.program.append(isa.encode("VPU.QUANT", **fields))
 
+    def rmsnorm(self, x: np.ndarray) -> None:
+        m, n = x.shape
+        gamma = rows(self.rng, 1, n, None)[0]
+        eps = EPS_CODES[int(self.rng.integers(len(EPS_CODES)))]
+        fields = {"m": m, "n": n, "x_addr": self.put(x.astype("<i4")),
+                  "g_addr": self.put(np.append(gamma, eps).astype("<i4"))}
+        fields["o_addr"] = self.output("i1", (m, n))
+        fields["s_addr"] = self.output("u1", (m, layout.SCALE_CODE_BYTES))
+        self.program.append(isa.encode("VPU.RMSNORM", **fields))
+
     def rope(self, x: np.ndarray, heads: int, head_dim: int) -> None:
         m = x.shape[0]
         pos = self.rng.integers(0, ROPE_POSITIONS, m).astype("<i4")
@@ -88,8 +102,8 @@ class Case:
 
 
 def make_case(seed: int, cfg) -> dict:
-    """Each built op at each scale with a random shape, QUANT on a zero row and on INT32_MIN,
-    a NOP, and the emulator's outputs and issue cycles."""
+    """Each built op at each scale with a random shape, QUANT and RMSNORM on a zero row and on
+    INT32_MIN, a NOP, and the emulator's outputs and issue cycles."""
     rng = np.random.default_rng(seed)
     lanes = cfg.fpga.vpu_lanes
     case = Case(rng, cfg)
@@ -103,6 +117,8 @@ def make_case(seed: int, cfg) -> dict:
             n = int(rng.integers(1, 4 * lanes))
             if name == "VPU.QUANT":
                 case.quant(rows(rng, m, n, scale))
+            elif name == "VPU.RMSNORM":
+                case.rmsnorm(rows(rng, m, n, scale))
             else:
                 case.binary(name, rows(rng, m, n, scale), rows(rng, m, n, scale))
         if len(case.program) == len(SCALES):
@@ -111,6 +127,7 @@ def make_case(seed: int, cfg) -> dict:
     edge[0] = 0
     edge[1, int(rng.integers(lanes + 3))] = INT32_MIN
     case.quant(edge)
+    case.rmsnorm(edge)
     return testbench.emulator_case(cfg, isa.Engine.VPU, case.program, case.images,
                                    case.regions)
 

@@ -1,4 +1,5 @@
-"""The VPU RTL: ADD, SILUMUL, ROPE and QUANT against trimem.special / numerics, and timing."""
+"""The VPU RTL: ADD, SILUMUL, ROPE, QUANT and RMSNORM against trimem.special / numerics, and
+timing."""
 import gc
 import warnings
 from dataclasses import replace
@@ -11,11 +12,12 @@ from amaranth.sim import Simulator
 from trimem import isa, layout, numerics, special, timing
 from trimem.config import load_config
 from trimem.hdl.frontend import simulate_sram_top
-from trimem.hdl.vpu import VectorUnit, encode_amax
-from trimem.hdl.vpu_top import VpuEngine, vpu_top
+from trimem.hdl.vpu import VectorUnit, encode_amax, rsqrt
+from trimem.hdl.vpu_top import BUILT, PASSES, VpuEngine, vpu_top
 
 SMALL = load_config("trimem-small")
 A_ADDR, B_ADDR, O_ADDR, S_ADDR = 0x104, 0x1002, 0x2001, 0x3003
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 
 
 def rejects(pattern: str, build) -> None:
@@ -153,13 +155,82 @@ def test_rope_matches_special_rope_bit_for_bit_in_the_cycles_timing_gives(heads,
 
 
 @pytest.mark.sim
+def test_rsqrt_in_hardware_gives_rmsnorms_isqrt_of_2_to_the_60_over_m():
+    lo, hi = 1 << special.RSQRT_BITS - 2, 1 << special.RSQRT_BITS
+    rng = np.random.default_rng(8)
+    norms = [lo, lo + 1, lo + 2, 2 * lo - 1, 2 * lo, 3 * lo, hi - 1, hi,
+             *rng.integers(lo, hi + 1, 24).tolist()]
+    m = Module()
+    value = Signal(special.RSQRT_BITS + 1)
+    root = rsqrt(m, value, "r")
+    got = []
+
+    async def bench(ctx):
+        for v in norms:
+            ctx.set(value, v)
+            got.append(ctx.get(root))
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+    want = special._isqrt(np.int64(1 << 2 * special.RSQRT_BITS) // np.array(norms, np.int64))
+    assert got == want.tolist()
+
+
+def rms_rows(rng, m, n):
+    """fx rows for RMSNORM: random spreads, then a zero row, a row at the int32 limits and a
+    row small enough to shift left (max |x| below 2**14), as far as m allows."""
+    x = fx_rows(rng, m, n)
+    edges = [np.zeros(n), np.where(np.arange(n) % 2, INT32_MAX, INT32_MIN),
+             rng.integers(-2**9, 2**9, n)]
+    for row, edge in zip(x[1:], edges):
+        row[:] = edge
+    return x
+
+
+RMS_CASES = {"rows of one chunk and eps 1e-5": (1, 5, 168),
+             "rows not a multiple of the lanes with extremes": (4, 13, 168),
+             "eps 0": (3, 16, 0), "the largest eps": (3, 9, special.EPS_MAX),
+             "one element": (2, 1, 17)}
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("m, n, eps", RMS_CASES.values(), ids=RMS_CASES)
+def test_rmsnorm_matches_rmsnorm_quant_bit_for_bit_in_the_cycles_timing_gives(m, n, eps):
+    rng = np.random.default_rng(m * 100 + n)
+    x = rms_rows(rng, m, n)
+    gamma = fx_rows(rng, 1, n)[0]
+    gamma[:2] = [INT32_MIN, INT32_MAX][:n]
+    sram = np.zeros(SMALL.fpga.sram_bytes, np.uint8)
+    sram[A_ADDR:A_ADDR + 4 * m * n] = layout.pack_fx_rows(x)
+    sram[B_ADDR:B_ADDR + 4 * (n + 1)] = np.append(gamma, eps).astype("<i4").view(np.uint8)
+    fields = dict(m=m, n=n, x_addr=A_ADDR, g_addr=B_ADDR, o_addr=O_ADDR, s_addr=S_ADDR)
+    cycles = timing.vpu_cycles(SMALL.fpga, "VPU.RMSNORM", fields)
+    out = run_vpu([isa.encode("VPU.RMSNORM", **fields), isa.encode("HALT")], sram,
+                  [(O_ADDR, m * n), (S_ADDR, 4 * m)], cycles)
+    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
+    a8, mant, exp = special.rmsnorm_quant(x, gamma, eps)
+    np.testing.assert_array_equal(layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8),
+                                                        n), a8)
+    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
+    np.testing.assert_array_equal(got_mant, mant)
+    np.testing.assert_array_equal(got_exp, exp)
+
+
+@pytest.mark.sim
 @pytest.mark.parametrize("word", [
-    isa.encode("VPU.RMSNORM", m=1, n=8, x_addr=0, g_addr=0, o_addr=0, s_addr=0),
+    isa.encode("VPU.EMBED", m=1, n=8, ids_addr=0, table_addr=0, o_addr=0),
     isa.encode("VPU.ROPE", m=1, heads=1, head_dim=8, x_addr=0, pos_addr=0, table_addr=0,
-               o_addr=0)], ids=["rmsnorm", "rope with half heads shorter than the lanes"])
+               o_addr=0)], ids=["embed", "rope with half heads shorter than the lanes"])
 def test_a_vpu_word_the_rtl_does_not_run_stops_the_stream_with_error(word):
     out = run_vpu([word, isa.encode("HALT")], np.zeros(SMALL.fpga.sram_bytes, np.uint8), [], 10)
     assert (out["halted"], out["error"]) == (1, 1)
+
+
+@pytest.mark.unit
+def test_every_built_op_streams_its_rows_as_many_times_as_timing_counts_passes():
+    got = {name: len(PASSES.get(op, (op,))) for name, op in BUILT.items()}
+    assert got == {name: timing.VPU_PASSES[name] for name in BUILT}
 
 
 @pytest.mark.unit
