@@ -4,14 +4,13 @@ Weights are W4 or W8 with two-level per-group scales (`quantize_weight`), activa
 token (the RMSNORM and QUANT ops produce them at run time), the KV cache KV4 or KV8 per
 (token, head) with groups along head_dim (`quantize_kv` at KV append). Optionally a
 SmoothQuant migration (Xiao et al., arXiv:2211.10438) first moves activation outliers into
-the weights, folding per-input-channel scales into the preceding RMSNorm gamma. The pass only
-converts numbers: it never changes which ops run.
+the weights: per input channel of every linear, folded into whatever produces that input (an
+RMSNorm gamma, the rows of up before the SiLU-gated product, the rows of v before attention).
+The pass only converts numbers: it never changes which ops run.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,11 +20,14 @@ import numpy as np
 from trimem import numerics as nu
 from trimem import special as sp
 from trimem.compiler.ir import CompileError, Graph, OpKind, option
-from trimem.compiler.reference import float_forward
+from trimem.compiler.frontend import prompt_ids
 
 _SPEC = re.compile(r"w(\d+)(?:g(\d+))?a(\d+)kv(\d+)(?:g(\d+))?(?:h(\d+))?")
 SMOOTH_MIN = 1e-5
 """Floor of the SmoothQuant per-channel statistics, so all-zero channels keep scale 1."""
+SMOOTH_ALPHA = 0.5
+"""SmoothQuant strength of every kind: the best of alphas 0.4 to 0.8 on SmolLM2-135M at
+W8A8KV8 in top-1 agreement (docs/accuracy.md), and the SmoothQuant paper's default."""
 CALIB_TEXT = ("Rivers shape the land they cross. Over thousands of years, water carries sand "
               "and stone from the mountains to the sea, cutting valleys and building wide plains "
               "where farms and towns grow. People have always settled near rivers for fresh "
@@ -112,27 +114,25 @@ class QuantEmbedding(NamedTuple):
 
 # ---- calibration ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)
-def _text_ids(folder: str):
-    """CALIB_TEXT in the tokenizer stored in `folder` (a GGUF or tokenizer files), or None."""
-    from transformers import AutoTokenizer
+class Calibration(NamedTuple):
+    """Per input channel statistics of every linear's input over the calibration prompt.
 
-    gguf = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf[0] if gguf else None,
-                                            local_files_only=True)
-    except (OSError, ValueError):
-        return None
-    return tuple(tok(CALIB_TEXT)["input_ids"])
+    Members
+    -------
+    ids : the prompt's token ids.
+    absmax : linear op name -> max over tokens of |X_j|, float64 [k] (SmoothQuant).
+    norm : linear op name -> ||X_j||_2 over tokens, float64 [k] (Wanda).
+    """
+    ids: np.ndarray
+    absmax: dict
+    norm: dict
 
 
 def calibration_ids(graph: Graph, calib_ids=None) -> np.ndarray:
-    """The calibration prompt: `calib_ids` when given, else CALIB_TEXT in the tokenizer next to
-    the source model, else CALIB_TOKENS fixed-seed random ids."""
+    """The calibration prompt: `calib_ids` when given, else CALIB_TEXT in the tokenizer of the
+    source model (`frontend.prompt_ids`), else CALIB_TOKENS fixed-seed random ids."""
     if calib_ids is None:
-        source = graph.meta.get("source")
-        folder = getattr(getattr(source, "config", None), "name_or_path", "") or ""
-        calib_ids = _text_ids(os.path.abspath(folder)) if os.path.isdir(folder) else None
+        calib_ids = prompt_ids(graph, CALIB_TEXT)
     if calib_ids is None:
         return np.random.default_rng(0).integers(graph.spec.vocab, size=CALIB_TOKENS)
     ids = np.asarray(calib_ids, dtype=np.int64)
@@ -142,54 +142,177 @@ def calibration_ids(graph: Graph, calib_ids=None) -> np.ndarray:
     return ids
 
 
-def calibrate(graph: Graph, names, calib_ids=None):
-    """(prompt ids, {value: float activations [tokens, n]}) of the float graph over the
-    calibration prompt (`calibration_ids`), for the values in `names`."""
+def calibrate(graph: Graph, calib_ids=None) -> Calibration:
+    """Statistics of every linear's input on the float graph over the calibration prompt.
+
+    One torch float32 pass on the CPU. A graph that carries a Calibration of the same prompt
+    in `meta["calibration"]` returns it instead: the sparsify pass leaves the statistics of the
+    unpruned model there for the quantize pass, as both Wanda and SmoothQuant read them.
+    """
+    if graph.timing_only:
+        raise CompileError("calibration needs weights; load the model with weights")
     ids = calibration_ids(graph, calib_ids)
-    _, acts = float_forward(graph, ids, capture=list(dict.fromkeys(names)))
-    return ids, acts
+    known = graph.meta.get("calibration")
+    if known is not None and np.array_equal(known.ids, ids):
+        return known
+    absmax, norm = {}, {}
+    for name, x in _linear_inputs(graph, ids):
+        absmax[name] = x.abs().amax(0).double().numpy()
+        norm[name] = x.double().norm(dim=0).numpy()
+    return Calibration(ids, absmax, norm)
+
+
+def _linear_inputs(graph, ids):
+    """(linear op name, its float32 input [tokens, k]) in graph order, over one prompt at
+    positions 0..M-1: the float function of `reference.float_forward`, in torch."""
+    import torch
+    import torch.nn.functional as F
+
+    def weight(name):
+        return torch.from_numpy(np.asarray(graph.weights[name], dtype=np.float32))
+
+    rows, spec = len(ids), graph.spec
+    angle = torch.arange(rows, dtype=torch.float64)[:, None] * torch.from_numpy(spec.inv_freq)
+    cos, sin = (f(angle).float()[:, None, :] for f in (torch.cos, torch.sin))
+
+    def rope(x, heads):
+        x1, x2 = x.reshape(rows, heads, -1).chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(rows, -1)
+
+    env = {"ids": torch.as_tensor(ids)}
+    with torch.no_grad():
+        for op in graph.ops:
+            a, args = op.attrs, [env.get(n) for n in op.inputs]
+            if op.kind in (OpKind.LINEAR, OpKind.LM_HEAD):
+                yield op.name, args[0]
+                if op.kind is OpKind.LM_HEAD:
+                    return
+                y = args[0] @ weight(a["weight"]).T
+                y = y if a["bias"] is None else y + weight(a["bias"])
+            elif op.kind is OpKind.EMBED:
+                y = weight(a["weight"])[args[0]]
+            elif op.kind is OpKind.RMSNORM:
+                y = F.rms_norm(args[0], (a["n"],), weight(a["weight"]), a["eps"])
+            elif op.kind is OpKind.ROPE:
+                y = rope(args[0], a["heads"])
+            elif op.kind is OpKind.KV_APPEND:
+                y = tuple(x.reshape(rows, a["kv_heads"], -1).transpose(0, 1) for x in args[:2])
+            elif op.kind is OpKind.ATTENTION:
+                q = args[0].reshape(rows, a["heads"], -1).transpose(0, 1)
+                k, v = (x.repeat_interleave(a["heads"] // a["kv_heads"], 0) for x in args[1])
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = y.transpose(0, 1).reshape(rows, -1)
+            elif op.kind is OpKind.SILU_MUL:
+                y = F.silu(args[0]) * args[1]
+            elif op.kind is OpKind.ADD:
+                y = args[0] + args[1]
+            else:
+                y = args[0]
+            env[op.name] = y
 
 
 # ---- SmoothQuant ---------------------------------------------------------------------------
 
-def _smoothed_pairs(graph):
-    """(norm op, linears it feeds) for every RMSNorm inside a layer."""
+SMOOTH_KINDS = ("qkv", "gate_up", "down", "o", "head")
+"""The smoothed inputs, named by the linears reading them: q/k/v and gate/up (the scales fold
+into the RMSNorm gamma before them), down (into the output rows of up: silu(gate) * up is
+linear in up), o (into the output rows of v, one scale per KV-head channel, shared by the
+query heads of its group) and the LM head (into the final RMSNorm gamma)."""
+
+
+class _Pair(NamedTuple):
+    """One smoothed value: the weight whose axis 0 takes 1/s and the linears whose columns
+    take s."""
+    kind: str
+    producer: str
+    bias: str | None
+    users: list
+    heads: tuple | None
+
+
+def _pairs(graph):
+    """Every smoothable value, found by tracing each linear's input back through QUANT."""
+    ops = {op.name: op for op in graph.ops}
+    readers: dict = {}
+    for op in graph.linears():
+        src = ops[op.inputs[0]]
+        while src.kind is OpKind.QUANT:
+            src = ops[src.inputs[0]]
+        readers.setdefault(src.name, []).append(op)
     pairs = []
-    for norm in graph.ops:
-        if norm.kind is OpKind.RMSNORM and norm.layer is not None:
-            users = [op for op in graph.ops if op.kind is OpKind.LINEAR
-                     and op.inputs == (norm.name,)]
-            pairs.append((norm, users))
+    for name, users in readers.items():
+        src = ops[name]
+        if src.kind is OpKind.RMSNORM:
+            kind = {"attn": "qkv", "mlp": "gate_up"}.get(users[0].attrs["block"], "head")
+            pairs.append(_Pair(kind, src.attrs["weight"], None, users, None))
+        elif src.kind is OpKind.SILU_MUL:
+            up = ops[src.inputs[1]]
+            if up.kind is OpKind.LINEAR:
+                pairs.append(_Pair("down", up.attrs["weight"], up.attrs["bias"], users, None))
+        elif src.kind is OpKind.ATTENTION:
+            v, a = ops[ops[src.inputs[1]].inputs[1]], src.attrs
+            heads = (a["kv_heads"], a["heads"] // a["kv_heads"], a["head_dim"])
+            if v.kind is OpKind.LINEAR:
+                pairs.append(_Pair("o", v.attrs["weight"], v.attrs["bias"], users, heads))
     return pairs
 
 
-def smooth(graph: Graph, alpha: float, calib_ids=None) -> Graph:
+def smooth_alphas(alpha) -> dict:
+    """{kind: alpha} of a smoothing: one number for every kind of SMOOTH_KINDS, or a mapping
+    from some of them to numbers (the others stay as they are)."""
+    alphas = alpha if isinstance(alpha, dict) else dict.fromkeys(SMOOTH_KINDS, alpha)
+    for kind, value in alphas.items():
+        if kind not in SMOOTH_KINDS:
+            raise CompileError(f"smooth kind {kind!r} is not one of {list(SMOOTH_KINDS)!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise CompileError(f"smooth alpha {value!r} must be a number in [0, 1]")
+    return {kind: float(value) for kind, value in alphas.items()}
+
+
+def _scale(pair, graph, calib, alpha):
+    """(s over the producer's rows, s over the users' columns) of one pair."""
+    act = np.maximum(calib.absmax[pair.users[0].name], SMOOTH_MIN)
+    wmax = np.max([np.abs(graph.weights[op.attrs["weight"]]).max(axis=0)
+                   for op in pair.users], axis=0)
+    wmax = np.maximum(wmax, SMOOTH_MIN)
+    if pair.heads is None:
+        s = act**alpha / wmax ** (1 - alpha)
+        return s, s
+    kv_heads, rep, dim = pair.heads
+    act, wmax = (x.reshape(kv_heads, rep, dim).max(axis=1) for x in (act, wmax))
+    s = act**alpha / wmax ** (1 - alpha)
+    return s.ravel(), np.broadcast_to(s[:, None, :], (kv_heads, rep, dim)).ravel()
+
+
+def smooth(graph: Graph, alpha, calib_ids=None) -> Graph:
     """Migrate activation outliers into the weights, keeping the float function.
 
-    For each in-layer RMSNorm and the linears it feeds, per input channel j:
-    s_j = max|X_j|**alpha / max|W_:,j|**(1 - alpha) over the calibration prompt
-    (`calibration_ids`), then gamma_j /= s_j and W_:,j *= s_j. The final norm is left alone
-    (its linear may be the tied embedding). Returns a new graph; zeros of pruned weights stay
-    zero.
+    For each smoothed value X (`SMOOTH_KINDS`) and the linears W reading it, per channel j:
+    s_j = max|X_j|**alpha / max|W_:,j|**(1 - alpha) over the calibration prompt (`calibrate`),
+    then W_:,j *= s_j and the producer of X divides its channel j by s_j. `alpha` is one
+    number or a {kind: alpha} mapping (`smooth_alphas`). Every scale comes from the input
+    graph, so the result does not depend on the order of the pairs. Returns a new graph;
+    zeros of pruned weights stay zero.
     """
-    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise CompileError(f"smooth alpha {alpha!r} must be a number in [0, 1]")
+    alphas = smooth_alphas(alpha)
     if graph.timing_only:
         raise CompileError("smoothing needs weights and calibration; drop smooth_alpha for a "
                            "timing-only graph")
-    pairs = _smoothed_pairs(graph)
-    calib_ids, acts = calibrate(graph, [norm.name for norm, _ in pairs], calib_ids)
+    calib = calibrate(graph, calib_ids)
     out = graph.clone()
-    for norm, users in pairs:
-        act = np.maximum(np.abs(acts[norm.name]).max(axis=0), SMOOTH_MIN)
-        mats = [np.asarray(graph.weights[op.attrs["weight"]], np.float64) for op in users]
-        wmax = np.maximum(np.abs(np.concatenate(mats)).max(axis=0), SMOOTH_MIN)
-        scale = act**alpha / wmax ** (1 - alpha)
-        out.weights[norm.attrs["weight"]] = (np.asarray(graph.weights[norm.attrs["weight"]],
-                                                        np.float64) / scale)
-        for op, mat in zip(users, mats):
-            out.weights[op.attrs["weight"]] = mat * scale[None, :]
-    out.meta["smooth"] = {"alpha": float(alpha), "calib_tokens": len(calib_ids)}
+    for pair in _pairs(graph):
+        if pair.kind not in alphas:
+            continue
+        rows, cols = _scale(pair, graph, calib, alphas[pair.kind])
+        for name in (pair.producer, pair.bias):
+            if name is not None:
+                w = np.asarray(out.weights[name], np.float64)
+                out.weights[name] = w / rows.reshape((-1,) + (1,) * (w.ndim - 1))
+        for op in pair.users:
+            name = op.attrs["weight"]
+            out.weights[name] = np.asarray(out.weights[name], np.float64) * cols[None, :]
+    out.meta.pop("calibration", None)
+    out.meta["smooth"] = {"alpha": alpha, "calib_tokens": len(calib.ids)}
     return out
 
 
@@ -240,9 +363,9 @@ def run(graph: Graph, cfg=None, options=None) -> Graph:
     """Quantize a graph; returns a new, verified graph with `quantized` set.
 
     Options: "quant" (QuantSpec or text, default "w4a8kv4"), "smooth_alpha" (None = no
-    smoothing, typically 0.5) and "calib_ids" (calibration token ids, default
-    `calibration_ids`). With a hardware config `cfg`, the weight bits must be among
-    `cfg.fpga.weight_bits`.
+    smoothing; a number or {kind: number} for `smooth`, e.g. SMOOTH_ALPHA) and "calib_ids"
+    (calibration token ids, default `calibration_ids`). With a hardware config `cfg`, the
+    weight bits must be among `cfg.fpga.weight_bits`.
     """
     qs = QuantSpec.coerce(option(options, "quant", DEFAULT))
     if graph.quantized:

@@ -6,7 +6,10 @@ in-block indices (`numerics.nm_pack`, `layout.pack_weight_tile`). The default sc
 |W_ij| * ||X_j||_2 (Sun et al., "A Simple and Effective Pruning Approach for Large Language
 Models", arXiv:2306.11695), with ||X_j||_2 the norm of input channel j over the calibration
 prompt of `quantize.calibrate`: a small weight on a channel that carries large activations
-matters more than a large weight on a quiet one. "magnitude" scores by |W_ij| alone.
+matters more than a large weight on a quiet one. "magnitude" scores by |W_ij| alone. The
+pruned graph keeps those statistics of the unpruned model in `meta["calibration"]`, and a
+SmoothQuant migration in the quantize pass reuses them instead of a second calibration pass
+(Wanda's score is unchanged by SmoothQuant's per-channel scaling, X_j / s_j times W_ij * s_j).
 Pruning works on the float weights and must run before the quantize pass, which then
 quantizes the pruned weights: pruned positions quantize to exactly zero, so the integer weight
 keeps the pattern. The LM head is never pruned.
@@ -56,13 +59,6 @@ def prune(w, n, m, x_norm=None):
     return np.where(nu.nm_prune_mask(score, n, m), w, 0.0)
 
 
-def input_norms(graph: Graph, ops, calib_ids=None):
-    """(prompt ids, {op name: ||X_j||_2 [k]}): each linear's input channel norms over the
-    calibration prompt, from one float forward pass of the unpruned graph."""
-    ids, acts = calibrate(graph, [op.inputs[0] for op in ops], calib_ids)
-    return ids, {op.name: np.linalg.norm(acts[op.inputs[0]], axis=0) for op in ops}
-
-
 def _selected(graph, blocks, nm):
     """The linears `blocks` prunes, checked against the pattern."""
     n, m = nm
@@ -104,8 +100,9 @@ def run(graph: Graph, cfg=None, options=None) -> Graph:
     meta = {"nm": nm, "blocks": blocks, "metric": metric}
     norms = {}
     if metric == "wanda" and not graph.timing_only:
-        ids, norms = input_norms(graph, ops, option(options, "calib_ids", None))
-        meta["calib_tokens"] = len(ids)
+        calib = calibrate(graph, option(options, "calib_ids", None))
+        out.meta["calibration"], norms = calib, calib.norm
+        meta["calib_tokens"] = len(calib.ids)
     for op in ops:
         op.attrs["nm"] = nm
         name = op.attrs["weight"]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trimem.compiler.quantize import SMOOTH_ALPHA
 from trimem.host.session import Session, load_source, load_tokenizer
 from trimem.numerics import from_fx
 
@@ -201,14 +202,15 @@ def _layers(float_hidden, trimem_hidden) -> list:
 
 
 def compare(model, hw="trimem-all", quant="w4a8kv4", sparsity=None, sparse_layers="mlp", *,
-            backend="torch", device=None, dtype="float32", prompts=PROMPTS, text=TEXT,
-            new_tokens=16, free_running=2, buckets=None, session=None, tokenizer=None,
-            out=None, progress=False) -> dict:
+            smooth_alpha=SMOOTH_ALPHA, backend="torch", device=None, dtype="float32",
+            prompts=PROMPTS, text=TEXT, new_tokens=16, free_running=2, buckets=None,
+            session=None, tokenizer=None, out=None, progress=False) -> dict:
     """Compare the float model with Trimem; return the report (plain data) and, with `out`,
     write report.md, report.json and the plots there.
 
     model : as `Session` takes it (a model object, "smollm2-135m", a directory, a GGUF).
     device : where the float model (and the torch backend) run; default CUDA when present.
+    smooth_alpha : the SmoothQuant strength of the compile (`quantize.smooth`); None for none.
     dtype : the float model's dtype, "float32", "float16" or "bfloat16".
     free_running : how many of the prompts (the first) Trimem also generates from on its
         own, for the texts, the matching greedy tokens and the simulated speed.
@@ -227,7 +229,8 @@ def compare(model, hw="trimem-all", quant="w4a8kv4", sparsity=None, sparse_layer
     fmodel = float_model(source, device, dtype)
     if session is None:
         session = Session(model, hw, quant, sparsity, sparse_layers, backend=backend,
-                          buckets=buckets, device=device, tokenizer=tok, progress=progress)
+                          buckets=buckets, device=device, tokenizer=tok, progress=progress,
+                          compile_options={"smooth_alpha": smooth_alpha})
     trimem = _Trimem(session, device)
     bar = _bar(len(prompts) + 1, progress)
     float_hidden, trimem_hidden, per_prompt = None, None, []
@@ -265,6 +268,7 @@ def compare(model, hw="trimem-all", quant="w4a8kv4", sparsity=None, sparse_layer
         "model": session.bundle.model["name"], "hw": session.config.name,
         "quant": session.bundle.quant["spec"], "sparsity": session.bundle.quant["sparsity"],
         "sparse_layers": session.bundle.quant["sparse_blocks"],
+        "smooth_alpha": session.bundle.quant.get("smooth_alpha"),
         "backend": session.backend.name,
         "backend_matches_reference": trimem.matches,
         "float": {"device": device, "device_name": device_name(device), "dtype": dtype,
@@ -335,7 +339,8 @@ def markdown(report: dict) -> str:
         f"# Trimem vs PyTorch: {report['model']}",
         "",
         f"Trimem: `{report['hw']}`, {report['quant']}, sparsity {report['sparsity'] or 'dense'}"
-        f" ({report['sparse_layers']}), backend `{report['backend']}`"
+        f" ({report['sparse_layers']}), SmoothQuant alpha {report['smooth_alpha']}, backend "
+        f"`{report['backend']}`"
         + ("" if report["backend_matches_reference"] is None else
            f" (logits {'equal' if report['backend_matches_reference'] else 'DIFFER from'} "
            "the integer reference)") + ".",

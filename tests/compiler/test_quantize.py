@@ -114,22 +114,79 @@ def test_timing_only_graph_gets_attrs_but_no_data():
     assert graph.op("layers.0.attn.attention").attrs["kv_group"] == 32
 
 
+# ---- calibration ----------------------------------------------------------------------------
+
+def test_calibration_statistics_match_the_float64_forward_pass(tiny_qwen2):
+    graph = fe.from_hf(tiny_qwen2)
+    calib = qz.calibrate(graph, [5, 9, 200, 31, 7, 7, 64])
+    ops = graph.linears()
+    _, acts = float_forward(graph, calib.ids, capture=[op.inputs[0] for op in ops])
+    assert sorted(calib.absmax) == sorted(calib.norm) == sorted(op.name for op in ops)
+    for op in ops:
+        x = acts[op.inputs[0]]
+        np.testing.assert_allclose(calib.absmax[op.name], np.abs(x).max(axis=0), rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(calib.norm[op.name], np.linalg.norm(x, axis=0), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_calibration_carried_by_the_graph_is_reused_for_the_same_prompt(tiny_llama):
+    graph = fe.from_hf(tiny_llama)
+    graph.meta["calibration"] = known = qz.calibrate(graph, [1, 2, 3])
+    assert qz.calibrate(graph, [1, 2, 3]) is known
+    assert qz.calibrate(graph, [1, 2, 4]) is not known
+
+
+def test_calibrating_a_timing_only_graph_is_rejected():
+    with pytest.raises(CompileError, match=r"^calibration needs weights; load the model with "):
+        qz.calibrate(fe.from_config("llama2-7b"))
+
+
 # ---- SmoothQuant -----------------------------------------------------------------------------
 
-def test_smoothquant_keeps_the_float_function_and_moves_scale_into_gamma(tiny_qwen2):
+def test_smoothquant_of_every_kind_keeps_the_float_function(tiny_qwen2):
     graph = fe.from_hf(tiny_qwen2)
     ids = np.random.default_rng(5).integers(256, size=16)
     smooth = qz.smooth(graph, 0.5)
     before, _ = float_forward(graph, ids)
     after, _ = float_forward(smooth, ids)
     np.testing.assert_allclose(after, before, atol=1e-4 * np.abs(before).max())
-    gamma, gamma_s = graph.weights["layers.0.mlp_norm"], smooth.weights["layers.0.mlp_norm"]
-    assert not np.allclose(gamma, gamma_s)
-    scale = gamma / gamma_s
-    np.testing.assert_allclose(smooth.weights["layers.0.mlp.up"],
-                               graph.weights["layers.0.mlp.up"] * scale, rtol=1e-6)
-    assert smooth.weights["norm"] is graph.weights["norm"]
+    changed = [name for name in graph.weights if smooth.weights[name] is not graph.weights[name]]
+    assert {"layers.1.attn.v.bias", "layers.1.mlp.up", "layers.0.attn.o", "norm",
+            "lm_head"} <= set(changed) and "embed" not in changed
     assert smooth.meta["smooth"] == {"alpha": 0.5, "calib_tokens": qz.CALIB_TOKENS}
+    assert "calibration" not in smooth.meta
+
+
+def test_norm_smoothing_moves_the_scale_into_gamma(tiny_qwen2):
+    graph = fe.from_hf(tiny_qwen2)
+    smooth = qz.smooth(graph, {"gate_up": 0.5})
+    scale = graph.weights["layers.0.mlp_norm"] / smooth.weights["layers.0.mlp_norm"]
+    assert not np.allclose(scale, 1)
+    for name in ("layers.0.mlp.up", "layers.0.mlp.gate"):
+        np.testing.assert_allclose(smooth.weights[name], graph.weights[name] * scale, rtol=1e-6)
+    assert smooth.weights["layers.0.attn_norm"] is graph.weights["layers.0.attn_norm"]
+
+
+def test_down_smoothing_moves_the_scale_into_the_rows_of_up(tiny_llama):
+    graph = fe.from_hf(tiny_llama)
+    smooth = qz.smooth(graph, {"down": 0.5})
+    scale = smooth.weights["layers.1.mlp.down"] / graph.weights["layers.1.mlp.down"]
+    np.testing.assert_allclose(scale, scale[:1].repeat(len(scale), 0), rtol=1e-6)
+    np.testing.assert_allclose(smooth.weights["layers.1.mlp.up"],
+                               graph.weights["layers.1.mlp.up"] / scale[0][:, None], rtol=1e-6)
+    assert smooth.weights["layers.1.mlp.gate"] is graph.weights["layers.1.mlp.gate"]
+
+
+def test_o_smoothing_shares_one_scale_per_kv_channel_across_its_query_heads(tiny_llama):
+    """4 query heads over 2 KV heads of 16: head h reads KV head h // 2."""
+    graph = fe.from_hf(tiny_llama)
+    smooth = qz.smooth(graph, {"o": 0.5})
+    cols = (smooth.weights["layers.0.attn.o"] / graph.weights["layers.0.attn.o"])[0]
+    rows = (graph.weights["layers.0.attn.v"] / smooth.weights["layers.0.attn.v"])[:, 0]
+    np.testing.assert_allclose(cols.reshape(2, 2, 16), np.stack([rows.reshape(2, 16)] * 2, 1),
+                               rtol=1e-6)
+    assert not np.allclose(rows, 1)
 
 
 def test_smoothing_through_the_pass_then_quantizes(tiny_llama):
@@ -137,9 +194,15 @@ def test_smoothing_through_the_pass_then_quantizes(tiny_llama):
     assert graph.quantized and graph.meta["smooth"]["calib_tokens"] == 3
 
 
-def test_smooth_alpha_outside_zero_to_one_is_rejected(tiny_llama):
-    with pytest.raises(CompileError, match=r"^smooth alpha 1\.5 must be a number in \[0, 1\]$"):
-        qz.smooth(fe.from_hf(tiny_llama), 1.5)
+@pytest.mark.parametrize("alpha", [1.5, -0.1, "0.5", True, {"down": 2}])
+def test_smooth_alpha_outside_zero_to_one_is_rejected(tiny_llama, alpha):
+    with pytest.raises(CompileError, match=r"^smooth alpha .* must be a number in \[0, 1\]$"):
+        qz.smooth(fe.from_hf(tiny_llama), alpha)
+
+
+def test_unknown_smooth_kind_lists_the_kinds(tiny_llama):
+    with pytest.raises(CompileError, match=r"^smooth kind 'mlp' is not one of \['qkv', "):
+        qz.smooth(fe.from_hf(tiny_llama), {"mlp": 0.5})
 
 
 # ---- N:M sparsity ----------------------------------------------------------------------------

@@ -94,6 +94,17 @@ def test_without_a_tokenizer_wanda_calibrates_on_fixed_seed_random_ids(tiny_llam
     assert a.meta["sparsity"]["calib_tokens"] == qz.CALIB_TOKENS
 
 
+def test_wanda_leaves_its_calibration_for_smoothquant_to_reuse(tiny_llama, monkeypatch):
+    passes = []
+    forward = qz._linear_inputs
+    monkeypatch.setattr(qz, "_linear_inputs",
+                        lambda graph, ids: passes.append(len(ids)) or forward(graph, ids))
+    pruned = spz.run(fe.from_hf(tiny_llama), None, {"sparsity": "2:4", "calib_ids": [1, 2, 3]})
+    assert pruned.meta["calibration"].ids.tolist() == [1, 2, 3]
+    qz.run(pruned, None, {"smooth_alpha": 0.5, "calib_ids": [1, 2, 3]})
+    assert passes == [3]
+
+
 # ---- magnitude -------------------------------------------------------------------------------
 
 def test_magnitude_metric_keeps_the_largest_magnitudes(tiny_llama):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from trimem.compiler.quantize import SMOOTH_ALPHA
 from trimem.host import compare as cmp
 from trimem.host.session import Session
 
@@ -38,6 +39,7 @@ def report(tiny_llama, tmp_path_factory):
 @pytest.mark.unit
 def test_report_covers_every_layer_and_measure(report):
     rep, _ = report
+    assert rep["smooth_alpha"] == SMOOTH_ALPHA
     assert [layer["layer"] for layer in rep["layers"]] == [0, 1]
     assert all(0.9 < layer["cosine"] <= 1 for layer in rep["layers"])
     assert rep["top1_positions"] == sum(len(p) + 4 for p in PROMPTS)
@@ -124,23 +126,29 @@ def w8a8kv8_report(smollm2):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_w8a8kv8_dense_smollm2_stays_at_its_measured_agreement(w8a8kv8_report):
-    """Measured 0.880 against the float model on an H200; below 0.85 is a regression."""
-    assert w8a8kv8_report["top1_agreement"] >= 0.85
-    assert w8a8kv8_report["perplexity"]["trimem"] < 1.1 * w8a8kv8_report["perplexity"]["float"]
+def test_w8a8kv8_dense_smollm2_stays_above_its_floor(w8a8kv8_report):
+    """Below 0.90 top-1 or 5% more perplexity than the float model is a regression; SmoothQuant
+    alphas 0.4 to 0.8 all measured 0.917 to 0.953 (docs/accuracy.md)."""
+    assert w8a8kv8_report["top1_agreement"] >= 0.90
+    assert w8a8kv8_report["perplexity"]["trimem"] < 1.05 * w8a8kv8_report["perplexity"]["float"]
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the 95% top-1 bar of the host issue is not met yet: "
-                   "the last two layers lose agreement (docs/gpu.md)")
 def test_w8a8kv8_dense_smollm2_agrees_with_float_pytorch(w8a8kv8_report):
+    """The 95% top-1 bar of the host issue. Measured on the CPU against float32 PyTorch, with
+    SmoothQuant alpha 0.5 on every linear input: 0.953 (183 of 192 positions), perplexity
+    20.74 -> 20.78, last-layer hidden-state cosine 0.998; 0.880 without smoothing."""
     assert w8a8kv8_report["top1_agreement"] >= 0.95
+    assert w8a8kv8_report["smooth_alpha"] == SMOOTH_ALPHA
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_w4a8kv4_sparse_smollm2_is_measured_per_layer(smollm2, tmp_path):
+    """Measured on the CPU with SmoothQuant alpha 0.5: top-1 0.182, perplexity 20.74 ->
+    209.5, hidden-state cosine 0.97 at layer 27 and -0.30 at layer 28; the float model pruned
+    alike is at 0.406 (docs/accuracy.md)."""
     rep = cmp.compare("smollm2-135m", "trimem-all", "w4a8kv4", "2:4", backend="torch",
                       device="cpu", buckets="prefill:64@128,decode:1@128",
                       tokenizer=smollm2[1], out=tmp_path)
