@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trimem.compiler import sparsify
+from trimem.compiler import quantize, sparsify
 from trimem.compiler.ir import CompileError
 from trimem.compiler.pipeline import DEFAULT_BUCKETS, compile_model
 from trimem.compiler.report import format_report
@@ -31,6 +31,16 @@ def _ids(text):
         raise CompileError(f"--calib-ids {text!r} is not a comma-separated list of token ids; "
                            f"write e.g. --calib-ids 1,504,3458")
     return [int(t) for t in items]
+
+
+def _alpha(text: str):
+    """--smooth-alpha: a number, none, or auto (the default)."""
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1] or none") from None
 
 
 def run_compile(args) -> int:
@@ -67,8 +77,9 @@ def add_compile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prune-metric", default=sparsify.METRICS[0], choices=sparsify.METRICS,
                    help=f"N:M pruning score (default {sparsify.METRICS[0]}: |W| times the input "
                         f"channel norm over the calibration prompt; magnitude: |W|)")
-    p.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
-                   help="SmoothQuant migration strength in [0, 1], e.g. 0.5 (default: none)")
+    p.add_argument("--smooth-alpha", type=_alpha, default="auto", metavar="A|none",
+                   help=f"SmoothQuant migration strength in [0, 1], or none to turn it off "
+                        f"(default {quantize.SMOOTH_ALPHA} when the model has weights)")
     p.add_argument("--calib-text", default=None, metavar="TEXT",
                    help="calibration prompt of Wanda pruning and SmoothQuant, in the model's "
                         "tokenizer (default: a built-in English paragraph)")

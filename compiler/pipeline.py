@@ -223,7 +223,7 @@ def calibration(graph: Graph, calib_text, calib_ids):
 
 def compile_model(model, hw, *, quant="w4a8kv4", sparsity=None, sparse_layers="mlp",
                   prune_metric=None, buckets=None, layers=None, timing_only=False,
-                  placement=None, interleave=None, smooth_alpha=None, calib_text=None,
+                  placement=None, interleave=None, smooth_alpha="auto", calib_text=None,
                   calib_ids=None, weight_slot_bytes=None, with_tests=True, out=None,
                   force=False, progress=False) -> Bundle:
     """Compile `model` for hardware `hw` into a Bundle, written to `out` when given.
@@ -241,7 +241,8 @@ def compile_model(model, hw, *, quant="w4a8kv4", sparsity=None, sparse_layers="m
     timing_only : shapes only; the bundle has programs but no images or expected outputs.
     placement : overrides per op kind, {"linear": "mxu", "attention": "csd"}.
     interleave : sub-batch interleaving of batched decode (None = where it applies).
-    smooth_alpha : SmoothQuant migration strength in [0, 1]; None = no smoothing.
+    smooth_alpha : SmoothQuant migration strength in [0, 1] (or {kind: alpha}); "auto" =
+        `quantize.SMOOTH_ALPHA` when the model has weights, none for timing-only; None = off.
     calib_text, calib_ids : the calibration prompt of Wanda pruning and SmoothQuant, as text
         in the model's tokenizer or as token ids; default `quantize.CALIB_TEXT`.
     weight_slot_bytes : SRAM bytes of each of the two MXU weight slots.
@@ -266,6 +267,8 @@ def compile_model(model, hw, *, quant="w4a8kv4", sparsity=None, sparse_layers="m
                "smooth_alpha": smooth_alpha, "weight_slot_bytes": weight_slot_bytes,
                "calib_text": None, "calib_ids": None}
     graph = load_graph(model, Step(1, "decode", 1), timing_only)
+    if smooth_alpha == "auto":
+        options["smooth_alpha"] = None if graph.timing_only else quantize.SMOOTH_ALPHA
     steps = parse_buckets(buckets, graph.spec.max_ctx)
     graph = restep(graph, steps[0])
     if layers is not None:

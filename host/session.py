@@ -408,9 +408,10 @@ class Session:
             layers = self.options.get("layers")
             if layers is not None:
                 graph = pipeline.keep_layers(graph, min(layers, graph.spec.layers))
-            opts = {"quant": self.options["quant"], "sparsity": self.options["sparsity"],
-                    "sparse_blocks": self.options["sparse_layers"],
-                    "smooth_alpha": self.options.get("smooth_alpha")}
+            q = self.bundle.quant
+            opts = {"quant": q["spec"], "sparsity": q["sparsity"],
+                    "sparse_blocks": q["sparse_blocks"], "prune_metric": q.get("prune_metric"),
+                    "smooth_alpha": q.get("smooth_alpha"), "calib_ids": q.get("calib_ids")}
             for _, run in pipeline.MODEL_PASSES:
                 graph = run(graph, self.config, opts)
             self._graph = graph

@@ -150,3 +150,20 @@ def test_malformed_calibration_ids_are_rejected(tmp_path):
                                            r"of token ids"):
         trimem("llama2-7b", "--hw", "trimem-all", "--timing-only", "--calib-ids", "1,x",
                "-o", tmp_path / "b")
+
+
+def test_smoothing_is_on_by_default_and_none_turns_it_off(saved_model, tmp_path):
+    from trimem.compiler import quantize
+
+    args = ("--hw", "trimem-small", "--quant", "w8a8kv8", "--buckets", "decode:1@16",
+            "--no-tests")
+    assert trimem(saved_model, *args, "-o", tmp_path / "on") == 0
+    assert trimem(saved_model, *args, "--smooth-alpha", "none", "-o", tmp_path / "off") == 0
+    assert read_bundle(tmp_path / "on").quant["smooth_alpha"] == quantize.SMOOTH_ALPHA
+    assert read_bundle(tmp_path / "off").quant["smooth_alpha"] is None
+
+
+def test_a_smooth_alpha_that_is_not_a_number_is_rejected(saved_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        trimem(saved_model, "--hw", "trimem-small", "--smooth-alpha", "half", "-o", tmp_path)
+    assert "'half' is not a number in [0, 1] or none" in capsys.readouterr().err
