@@ -27,6 +27,8 @@ from trimem.compiler.tile import FX_BYTES, Arena, MemoryMap, group_log2, kv_fiel
 from trimem.numerics import QuantWeight
 
 E = isa.Engine
+SPACES = isa.Space.__members__
+"""Memory space by name, for the space fields of DMA.COPY."""
 SCALE = layout.SCALE_CODE_BYTES
 ROPE_BYTES = np.dtype("<i2").itemsize
 """Bytes of one RoPE table element (int16, `special.rope_table`)."""
@@ -84,6 +86,7 @@ class Emitter:
         self.slots: list = []
         self.slot_turn = 0
         self.host: dict = {}
+        self.dma_cost: dict = {}
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -94,11 +97,20 @@ class Emitter:
         return self.arenas[space].alloc(name, nbytes)
 
     def copy(self, src_space, src_addr, dst_space, dst_addr, nbytes, reads=(), writes=()):
-        """One DMA.COPY, charged to the DMA roofline."""
-        self.add(E.DMA, "DMA.COPY", reads, writes, src_space=isa.Space[src_space],
-                 src_addr=src_addr, dst_space=isa.Space[dst_space], dst_addr=dst_addr,
-                 nbytes=nbytes)
-        self.charge("DMA", report.dma_cycles(self.cfg, src_space, dst_space, nbytes))
+        """One DMA.COPY, charged to the DMA roofline (cycles looked up once per size and
+        endpoints: input rows go to every PIM channel's GBUF alike)."""
+        self.streams.add(E.DMA, "DMA.COPY", reads, writes, src_space=SPACES[src_space],
+                         src_addr=src_addr, dst_space=SPACES[dst_space], dst_addr=dst_addr,
+                         nbytes=nbytes)
+        self.charge("DMA", self._dma_cycles(src_space, dst_space, nbytes))
+
+    def _dma_cycles(self, src_space: str, dst_space: str, nbytes: int) -> float:
+        key = (src_space, dst_space, nbytes)
+        cycles = self.dma_cost.get(key)
+        if cycles is None:
+            cycles = self.dma_cost[key] = report.dma_cycles(self.cfg, src_space, dst_space,
+                                                             nbytes)
+        return cycles
 
     def charge(self, engine: str, cycles: float) -> None:
         self.cost[engine] = self.cost.get(engine, 0.0) + cycles
@@ -411,10 +423,11 @@ class Emitter:
             gbuf, new = self.stage("gbuf", (op.inputs[0], c0, c1), "GBUF", m * (k + SCALE))
             if new:
                 self.filled[id(gbuf)] = set()
+            filled = self.filled[id(gbuf)]
             for tile, offset in placed:
-                for c in sorted(set(tile.channels) - self.filled[id(gbuf)]):
-                    self._fill_gbuf(gbuf, c, x, c0, c1, k)
-                    self.filled[id(gbuf)].add(c)
+                channels = sorted(set(tile.channels) - filled)
+                self._fill_gbuf(gbuf, channels, x, c0, c1, k)
+                filled.update(channels)
                 nbytes = m * tile.n * FX_BYTES
                 pres, _ = self.stage("pres", (op.name, c0, tile.n0), "PRES", nbytes)
                 self.add(E.PIM, "PIM.GEMV", [(gbuf, 0, m * (k + SCALE))], [(pres, 0, nbytes)],
@@ -423,13 +436,27 @@ class Emitter:
                 self.charge("PIM", report.gemv_cycles(cfg, op, m, tile))
                 self._drain(op, pres, c0, c1, tile.n0, tile.n1)
 
-    def _fill_gbuf(self, gbuf, channel, x, c0, c1, k):
-        base = channel * self.cfg.pim.gbuf_bytes + gbuf.addr
+    def _fill_gbuf(self, gbuf, channels, x, c0, c1, k):
+        """Copy rows [c0, c1) of `x` and their scales into `gbuf` of each of `channels`."""
         m = c1 - c0
-        self.copy("SRAM", x.addr(c0), "GBUF", base, m * k, [x.rows(c0, c1)],
-                  [(gbuf, 0, m * k)])
-        self.copy("SRAM", x.scale.at(c0 * SCALE), "GBUF", base + m * k, m * SCALE,
-                  [x.scales(c0, c1)], [(gbuf, m * k, m * SCALE)])
+        rows, scales = [x.rows(c0, c1)], [x.scales(c0, c1)]
+        to_rows, to_scales = [(gbuf, 0, m * k)], [(gbuf, m * k, m * SCALE)]
+        x_addr, s_addr = x.addr(c0), x.scale.at(c0 * SCALE)
+        sram, dst = SPACES["SRAM"], SPACES["GBUF"]
+        instrs = []
+        for channel in channels:
+            base = channel * self.cfg.pim.gbuf_bytes + gbuf.addr
+            instrs += [("DMA.COPY", rows, to_rows, {"src_space": sram, "src_addr": x_addr,
+                                                    "dst_space": dst, "dst_addr": base,
+                                                    "nbytes": m * k}),
+                       ("DMA.COPY", scales, to_scales, {"src_space": sram, "src_addr": s_addr,
+                                                        "dst_space": dst,
+                                                        "dst_addr": base + m * k,
+                                                        "nbytes": m * SCALE})]
+        self.streams.add_run(E.DMA, instrs)
+        for _ in channels:
+            self.charge("DMA", self._dma_cycles("SRAM", "GBUF", m * k))
+            self.charge("DMA", self._dma_cycles("SRAM", "GBUF", m * SCALE))
 
     def _bias(self, op, bias, r0, r1):
         n = op.attrs["n"]
@@ -513,13 +540,18 @@ class _Packed:
 
     def shares(self, n0: int, n1: int, units: int) -> list:
         """Per unit u the packed tile of channels n0 + u, n0 + u + units, ... below n1 (the
-        contract's PIM weight mapping); one reshape when every unit gets as many."""
-        if (n1 - n0) % units:
-            return [self.tile(np.arange(n0 + u, n1, units)) for u in range(units)]
-        per = (n1 - n0) // units
-        parts = [section[n0:n1].reshape(per, units, -1).transpose(1, 0, 2).reshape(units, -1)
-                 for section in self.sections]
-        return list(np.concatenate(parts, axis=1))
+        contract's PIM weight mapping). The first (n1 - n0) % units units get one channel
+        more, so the shares come in two reshapes, the longer ones and the shorter ones."""
+        per, extra = divmod(n1 - n0, units)
+        longer, shorter = [], []
+        for section in self.sections:
+            rows, width = section[n0:n1], section.shape[1]
+            head = rows[:per * units].reshape(per, units, width).transpose(1, 0, 2)
+            tail = rows[per * units:, None]
+            longer.append(np.concatenate([head[:extra], tail], axis=1)
+                          .reshape(extra, (per + 1) * width))
+            shorter.append(head[extra:].reshape(units - extra, per * width))
+        return list(np.concatenate(longer, axis=1)) + list(np.concatenate(shorter, axis=1))
 
 
 def _hbm_location(cfg, addr: int) -> dict:

@@ -83,11 +83,15 @@ class _State:
 
 
 class _History:
-    """The access history of one buffer as disjoint byte intervals, each with its _State."""
-    __slots__ = ("starts", "states", "end")
+    """The access history of one buffer as disjoint byte intervals, each with its _State.
+
+    `spans` remembers the states of ranges asked for before; a split of an interval
+    forgets them all (emission reads and writes the same few ranges over and over)."""
+    __slots__ = ("starts", "states", "end", "spans")
 
     def __init__(self, nbytes: int, state: _State):
         self.starts, self.states, self.end = [0], [state], max(nbytes, 1)
+        self.spans: dict = {}
 
     def _cut(self, at: int) -> int:
         """Index of the interval starting at `at`, splitting the one that holds it."""
@@ -98,15 +102,20 @@ class _History:
             return i
         self.starts.insert(i + 1, at)
         self.states.insert(i + 1, self.states[i].copy())
+        self.spans.clear()
         return i + 1
 
     def span(self, lo: int, hi: int) -> list:
         """The states of the intervals that make up [lo, hi)."""
-        lo, hi = max(lo, 0), min(hi, self.end)
-        if hi <= lo:
+        found = self.spans.get((lo, hi))
+        if found is not None:
+            return found
+        a, b = max(lo, 0), min(hi, self.end)
+        if b <= a:
             return []
-        i = self._cut(lo)
-        return self.states[i:self._cut(hi)]
+        i = self._cut(a)
+        found = self.spans[(lo, hi)] = self.states[i:self._cut(b)]
+        return found
 
     def summary(self) -> _State:
         out = _State()
@@ -158,25 +167,51 @@ class Streams:
 
     def add(self, engine: isa.Engine, name: str, reads=(), writes=(), **fields) -> None:
         """Append instruction `name` to `engine`'s stream, after the POPs it needs."""
-        index = len(self.ops[engine])
+        ops, history = self.ops[engine], self.history
+        index = len(ops)
         deps: dict = {}
-        for accesses, write in ((reads, False), (writes, True)):
-            for buf, offset, nbytes in accesses:
-                for state in self.history[id(buf)].span(offset, offset + nbytes):
-                    for seen in (state.writes, state.reads) if write else (state.writes,):
-                        for src, j in seen.items():
-                            if deps.get(src, -1) < j:
-                                deps[src] = j
-                    (state.writes if write else state.reads)[engine] = index
-        for src, j in sorted(deps.items()):
-            if src is engine or j <= self.synced.get((src, engine), -1):
+        for buf, offset, nbytes in reads:
+            for state in history[id(buf)].span(offset, offset + nbytes):
+                for src, j in state.writes.items():
+                    if src is not engine and deps.get(src, -1) < j:
+                        deps[src] = j
+                state.reads[engine] = index
+        for buf, offset, nbytes in writes:
+            for state in history[id(buf)].span(offset, offset + nbytes):
+                for seen in (state.writes, state.reads):
+                    for src, j in seen.items():
+                        if src is not engine and deps.get(src, -1) < j:
+                            deps[src] = j
+                state.writes[engine] = index
+        for src, j in sorted(deps.items()) if deps else ():
+            if j <= self.synced.get((src, engine), -1):
                 continue
             self.synced[(src, engine)] = j
             self.pushes[src].setdefault(j, []).append(engine)
             self.pops[engine].setdefault(index, []).append(src)
-        self.ops[engine].append((name, fields))
+        ops.append((name, fields))
 
-    def _word(self, name: str, **fields) -> bytes:
+    def add_run(self, engine: isa.Engine, instrs) -> None:
+        """`add` each (name, reads, writes, fields) of `instrs` in turn. Only `engine` runs
+        in between, so an access list seen before in the run finds no new dependency: it
+        only records its instruction as the last access."""
+        seen = set()
+        ops = self.ops[engine]
+        for name, reads, writes, fields in instrs:
+            key = (id(reads), id(writes))
+            if key not in seen:
+                seen.add(key)
+                self.add(engine, name, reads, writes, **fields)
+                continue
+            index = len(ops)
+            for accesses, write in ((reads, False), (writes, True)):
+                for buf, offset, nbytes in accesses:
+                    for state in self.history[id(buf)].span(offset, offset + nbytes):
+                        (state.writes if write else state.reads)[engine] = index
+            ops.append((name, fields))
+
+    def _word(self, name: str, fields: dict) -> bytes:
+        """isa.encode, once per distinct instruction (layers repeat the same words)."""
         key = (name, tuple(fields.items()))
         word = self.words.get(key)
         if word is None:
@@ -192,10 +227,11 @@ class Streams:
             words = []
             pops, pushes = self.pops[engine], self.pushes[engine]
             for i, (name, fields) in enumerate(ops):
-                words += [self._word("POP", src=src) for src in pops.get(i, ())]
-                words.append(isa.encode(name, **fields))
-                words += [self._word("PUSH", dst=dst) for dst in pushes.get(i, ())]
-            words.append(self._word("HALT"))
+                if i in pops:
+                    words += [self._word("POP", {"src": src}) for src in pops[i]]
+                words.append(self._word(name, fields))
+                if i in pushes:
+                    words += [self._word("PUSH", {"dst": dst}) for dst in pushes[i]]
+            words.append(self._word("HALT", {}))
             out[engine.name] = words
         return out
-

@@ -207,6 +207,19 @@ class Instr:
             out.append((f, lo, f.max, f.minimum, allowed, members))
         return tuple(out)
 
+    @cached_property
+    def packers(self) -> tuple:
+        """Per field (name, lowest bit, max, minimum, allowed values or None, default, field):
+        what `encode` needs, looked up once."""
+        return tuple((f.name, lo, f.max, f.minimum,
+                      None if f.choices is None else frozenset(f.choices), f.default, f)
+                     for f, lo in self.layout)
+
+    @cached_property
+    def name_set(self) -> frozenset:
+        """The field names, for `encode`'s check of the names it is given."""
+        return frozenset(self.field_names)
+
 
 def group_size(group_log2: int, k: int) -> int:
     """Weight group size G along k: `1 << group_log2`, where 0 means one group of the whole row."""
@@ -451,15 +464,27 @@ def _field(instr: Instr, name: str) -> Field:
     raise IsaError(f"{instr.name} has no field {name!r}; {hint}")
 
 
-def _pack(instr: Instr, given: dict) -> bytes:
-    for name in given.keys() - instr.field_names:
-        _field(instr, name)
+def _require(instr: Instr, given: dict) -> None:
     missing = [f.name for f in instr.fields if f.name not in given and f.default is None]
     if missing:
         raise IsaError(f"{instr.name} is missing field(s) {', '.join(map(repr, missing))}")
+
+
+def _pack(instr: Instr, given: dict) -> bytes:
+    """One pass over the field table: plain ints in range go straight into the word; anything
+    else (a missing field, a numpy int, a bad value) takes the checked path for its
+    conversion or its error."""
+    if not given.keys() <= instr.name_set:
+        for name in given.keys() - instr.name_set:
+            _field(instr, name)
     word = instr.opcode
-    for f, lo in instr.layout:
-        word |= f.check(given.get(f.name, f.default)) << lo
+    for name, lo, top, minimum, allowed, default, f in instr.packers:
+        value = given.get(name, default)
+        if (value is None or value.__class__ is bool or not isinstance(value, int)
+                or not minimum <= value <= top or (allowed is not None and value not in allowed)):
+            _require(instr, given)
+            value = f.check(value)
+        word |= value << lo
     return word.to_bytes(WORD_BYTES, "little")
 
 
