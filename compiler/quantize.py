@@ -169,7 +169,7 @@ def _linear_inputs(graph, ids):
     import torch.nn.functional as F
 
     def weight(name):
-        return torch.from_numpy(np.asarray(graph.weights[name], dtype=np.float32))
+        return torch.from_numpy(np.require(graph.weights[name], np.float32, ["W"]))
 
     rows, spec = len(ids), graph.spec
     angle = torch.arange(rows, dtype=torch.float64)[:, None] * torch.from_numpy(spec.inv_freq)
