@@ -118,13 +118,15 @@ def units(cfg, names=None) -> dict:
 
 
 def emit_verilog(cfg, out_dir, names=None) -> list[Path]:
-    """Write `<unit>.v` for every unit of `cfg` into `out_dir`; return the paths."""
+    """Write `<unit>.v` for every unit of `cfg` into `out_dir`; return the paths. Every unit
+    is built first, so a config the RTL cannot build writes nothing."""
+    built = {name: factory(cfg) for name, factory in units(cfg, names).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, factory in units(cfg, names).items():
+    for name, unit in built.items():
         path = out / f"{name}.v"
-        path.write_text(verilog.convert(factory(cfg), name=name, emit_src=False))
+        path.write_text(verilog.convert(unit, name=name, emit_src=False))
         paths.append(path)
     return paths
 

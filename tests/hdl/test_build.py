@@ -1,5 +1,6 @@
 """Units, elaboration over presets, Verilog emission, cell counting, synthesis and the CLI."""
 import argparse
+import dataclasses
 import gc
 import json
 import shutil
@@ -144,3 +145,14 @@ def test_synth_ecp5_maps_a_chain_to_one_multiplier_per_stage_and_places_it(tmp_p
     assert rows[0]["dsp"] == SMALL.fpga.chain_length
     assert rows[0]["fits"] and rows[0]["fmax_mhz"] > 0
     assert (tmp_path / "dsp_chain_ecp5.bit").stat().st_size > 0
+
+
+@pytest.mark.unit
+def test_a_config_the_rtl_cannot_build_writes_no_verilog(tmp_path):
+    huge = dataclasses.replace(SMALL, pim=dataclasses.replace(SMALL.pim, rows=1 << 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(ValueError, match=r"^this PIM needs "):
+            build.emit_verilog(huge, tmp_path, ["frontend", "pim_top"])
+        gc.collect()
+    assert not list(tmp_path.iterdir())
