@@ -2,12 +2,10 @@
 `trimem.special.attention` on KV caches laid out in flash pages as `trimem.layout` places them,
 and cycle for cycle against the emulator (docs/timing.md, "CSD")."""
 import dataclasses
-import gc
-import warnings
 
 import numpy as np
 import pytest
-from amaranth.hdl import Elaboratable, Fragment, Module, Signal, UnusedElaboratable, signed
+from amaranth.hdl import Elaboratable, Fragment, Module, Signal, signed
 from amaranth.back import verilog
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
@@ -19,6 +17,7 @@ from trimem.emulator.machine import Machine
 from trimem.hdl.attention import AttentionEngine, exp_fx
 from trimem.hdl.csd_top import CsdTop, KvAppend
 from trimem.hdl.system import ByteRam, FlashPages
+from tests.hdl.rejects import rejects
 
 pytestmark = pytest.mark.sim
 
@@ -28,14 +27,6 @@ LIMITS = dict(max_ctx=32, max_head_dim=32, max_heads=4, max_splits=4)
 OUT = 2048
 """CDRAM byte address of the outputs in these benches."""
 
-
-def rejects(pattern: str, build) -> None:
-    """`build()` raises ValueError matching `pattern` (its half-built parts warn nothing)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(ValueError, match=pattern):
-            build()
-        gc.collect()
 
 
 def attention_case(*, positions, q_heads, kv_heads, d, bits, group_log2, splits, topk,

@@ -1,11 +1,8 @@
 """The MXU RTL: DSP chain sums, requant, and MXU.GEMM against numerics.linear and timing."""
-import gc
-import warnings
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from amaranth.hdl import UnusedElaboratable
 from amaranth.sim import Simulator
 
 from trimem import isa, layout, numerics, timing
@@ -13,19 +10,12 @@ from trimem.config import load_config
 from trimem.hdl.dsp_chain import ChainArray, DspChain, Requant
 from trimem.hdl.frontend import simulate_sram_top
 from trimem.hdl.mxu_top import MxuEngine, mxu_top
+from tests.hdl.rejects import rejects
 
 SMALL = load_config("trimem-small")
 S_ADDR, A_ADDR = 0x42, 0x101
 """Deliberately unaligned SRAM addresses; the weight tile and the output follow A."""
 
-
-def rejects(pattern: str, build) -> None:
-    """`build()` raises ValueError matching `pattern` (its half-built component is no warning)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(ValueError, match=pattern):
-            build()
-        gc.collect()
 
 
 def simulate(dut, bench):

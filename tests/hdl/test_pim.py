@@ -4,13 +4,11 @@ Timing is compared command for command with the command-level reference
 `trimem.emulator.pim.DramChannel`; results bit for bit with `trimem.numerics.linear`.
 """
 import dataclasses
-import gc
-import warnings
 
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Elaboratable, Fragment, Module, Signal, UnusedElaboratable
+from amaranth.hdl import Elaboratable, Fragment, Module, Signal
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
@@ -21,6 +19,7 @@ from trimem.emulator.pim import DramChannel
 from trimem.hdl.pim import BankTimer, PimChannel, requant
 from trimem.hdl.pim_top import PimTop
 from trimem.hdl.system import ByteRam
+from tests.hdl.rejects import rejects
 
 pytestmark = pytest.mark.sim
 
@@ -58,14 +57,6 @@ def gemv_case(pim, *, n, k, bits, group_log2, m, ch_mask=1, w_addr=0, seed=0):
     expect = numerics.linear(a8, mant, exp, qw.w_eff, qw.mult, qw.shift)
     return images, gbuf.tobytes(), fields, expect
 
-
-def rejects(pattern: str, build) -> None:
-    """`build()` raises ValueError matching `pattern` (its half-built parts warn nothing)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(ValueError, match=pattern):
-            build()
-        gc.collect()
 
 
 def word(fields, name="PIM.GEMV"):

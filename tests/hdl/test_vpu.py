@@ -1,12 +1,10 @@
 """The VPU RTL: ADD, SILUMUL, ROPE, QUANT and RMSNORM against trimem.special / numerics, and
 timing."""
-import gc
-import warnings
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from amaranth.hdl import Module, Signal, UnusedElaboratable
+from amaranth.hdl import Module, Signal
 from amaranth.sim import Simulator
 
 from trimem import isa, layout, numerics, special, timing
@@ -14,19 +12,12 @@ from trimem.config import load_config
 from trimem.hdl.frontend import simulate_sram_top
 from trimem.hdl.vpu import VectorUnit, encode_amax, rsqrt
 from trimem.hdl.vpu_top import BUILT, PASSES, VpuEngine, vpu_top
+from tests.hdl.rejects import rejects
 
 SMALL = load_config("trimem-small")
 A_ADDR, B_ADDR, O_ADDR, S_ADDR = 0x104, 0x1002, 0x2001, 0x3003
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 
-
-def rejects(pattern: str, build) -> None:
-    """`build()` raises ValueError matching `pattern` (its half-built component is no warning)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(ValueError, match=pattern):
-            build()
-        gc.collect()
 
 
 def fx_rows(rng, m, n, *, spread=True):
