@@ -91,11 +91,11 @@ class _Numpy:
         """int64 a @ b, exact: float64 BLAS in chunks of K (`exact_k_step`), else int64."""
         a, b = np.asarray(a), np.asarray(b)
         k = a.shape[-1]
-        step = exact_k_step(float(np.abs(a, dtype=np.float64).max(initial=0)),
-                            float(np.abs(b, dtype=np.float64).max(initial=0)), k)
+        af, bf = a.astype(np.float64), b.astype(np.float64)
+        step = exact_k_step(float(np.abs(af).max(initial=0)), float(np.abs(bf).max(initial=0)),
+                            k)
         if step == 0:
             return a.astype(np.int64) @ b.astype(np.int64)
-        af, bf = a.astype(np.float64), b.astype(np.float64)
         if step >= k:
             return (af @ bf).astype(np.int64)
         return sum((af[..., s:s + step] @ bf[..., s:s + step, :]).astype(np.int64)
