@@ -275,11 +275,12 @@ class BankFill:
     as `tile.plan_memory` stacks them)."""
 
     def __init__(self, cfg):
+        self.cfg = cfg
         self.tops = [0] * cfg.pim.channels if cfg.pim is not None else []
         self.placed: set = set()
 
-    def admit(self, cfg, op, decision: dict) -> dict:
-        weight = op.attrs["weight"]
+    def admit(self, op, decision: dict) -> dict:
+        weight, cfg = op.attrs["weight"], self.cfg
         if decision["engine"] != "PIM" or weight in self.placed:
             return decision
         tops = list(self.tops)
@@ -306,7 +307,7 @@ def run(graph: Graph, cfg, options=None) -> Graph:
     banks = BankFill(cfg)
     for op in out.ops:
         if op.kind in LINEARS:
-            decision = banks.admit(cfg, op, _place_linear(cfg, op, overrides.get(op.kind)))
+            decision = banks.admit(op, _place_linear(cfg, op, overrides.get(op.kind)))
         elif op.kind in KV_OPS:
             op_b = intensity(op)
             decision = {"engine": kv, "op_b": op_b, "reason": f"KV cache in {KV_HOME[kv]}"}
