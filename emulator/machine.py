@@ -40,21 +40,6 @@ _NOP, _HALT, _PUSH, _POP, _OP = range(5)
 _CTRL_KIND = {"NOP": _NOP, "HALT": _HALT, "PUSH": _PUSH, "POP": _POP}
 
 
-def space_capacity(config, space: isa.Space) -> int | None:
-    """Bytes of `space` on this machine (docs/contract.md, "Memory spaces"); None: unbounded."""
-    fpga, pim, csd = config.fpga, config.pim, config.csd
-    return {
-        isa.Space.HOST: lambda: None,
-        isa.Space.HBM: lambda: fpga.hbm_bytes,
-        isa.Space.SRAM: lambda: fpga.sram_bytes,
-        isa.Space.GBUF: lambda: pim.gbuf_total_bytes,
-        isa.Space.PRES: lambda: pim.result_total_bytes,
-        isa.Space.CDRAM: lambda: csd.dram_bytes,
-        isa.Space.PIMDRAM: lambda: pim.capacity_bytes,
-        isa.Space.FLASH: lambda: csd.capacity_bytes,
-    }[space]()
-
-
 def _need(config, section: str | None, what: str) -> None:
     if section is not None and getattr(config, section) is None:
         raise EmulatorError(f"{what} needs a {section!r} section, but hardware config "
@@ -163,7 +148,7 @@ class Machine:
         mem = self.memories.get(space)
         if mem is None:
             _need(self.config, SPACE_SECTION[space], f"memory space {space.name}")
-            mem = self.memories[space] = Memory(space.name, space_capacity(self.config, space))
+            mem = self.memories[space] = Memory(space.name, self.config.space_bytes(space))
         return mem
 
     def resource(self, name: str) -> Resource:

@@ -502,6 +502,21 @@ class HardwareConfig:
     def engines(self) -> tuple[str, ...]:
         return tuple(e for e in ENGINES if getattr(self, e) is not None)
 
+    def space_bytes(self, space) -> int | None:
+        """Bytes of memory space `space` (an `isa.Space` or its name) on this machine
+        (docs/contract.md, "Memory spaces"); None for HOST, which is unbounded."""
+        fpga, pim, csd = self.fpga, self.pim, self.csd
+        return {
+            "HOST": lambda: None,
+            "HBM": lambda: fpga.hbm_bytes,
+            "SRAM": lambda: fpga.sram_bytes,
+            "GBUF": lambda: pim.gbuf_total_bytes,
+            "PRES": lambda: pim.result_total_bytes,
+            "CDRAM": lambda: csd.dram_bytes,
+            "PIMDRAM": lambda: pim.capacity_bytes,
+            "FLASH": lambda: csd.capacity_bytes,
+        }[getattr(space, "name", space)]()
+
     def to_dict(self) -> dict:
         """Plain dict of the resolved config (lists, not tuples); `load_config_dict` reads it."""
         return _plain(dataclasses.asdict(self))
