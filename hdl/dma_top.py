@@ -95,6 +95,9 @@ class DmaEngine(wiring.Component):
         Needs an fpga section; GBUF and PRES come with a pim section, CDRAM with a csd one.
     width : int
         Bytes per read and write port (a power of two).
+    sizes : dict of space name -> int, optional
+        Bytes modelled behind a space's ports where fewer than the config's (HOST: bounded
+        only here); a copy beyond them raises `error` rather than wrap around the model.
 
     Members
     -------
@@ -112,9 +115,11 @@ class DmaEngine(wiring.Component):
         beyond its space, or a copy whose bytes cannot all move by its end.
     """
 
-    def __init__(self, cfg, *, width: int = DMA_BYTES):
+    def __init__(self, cfg, *, width: int = DMA_BYTES, sizes=None):
         check_dma(cfg, width)
         self.cfg, self.width = cfg, width
+        self.sizes = {name: cfg.space_bytes(name) for name in isa.Space.__members__}
+        self.sizes.update(sizes or {})
         spaces = [HOST, HBM, SRAM]
         if cfg.pim is not None:
             spaces += [GBUF, PRES]
@@ -193,10 +198,11 @@ class DmaEngine(wiring.Component):
         return latency, loads
 
     def _fits(self, space, addr, nbytes):
-        """The range lies inside `space` (unbounded HOST always)."""
-        cases = [(space == s) & (addr + nbytes <= self.cfg.space_bytes(s))
-                 for s in self.spaces if s != HOST]
-        return (space == HOST) | Cat(*cases).any()
+        """The range lies inside `space` (a HOST without a size always)."""
+        cases = [(space == s) & (addr + nbytes <= self.sizes[s.name]) for s in self.spaces
+                 if self.sizes[s.name] is not None]
+        return Cat(*cases, *(space == s for s in self.spaces
+                             if self.sizes[s.name] is None)).any()
 
     def elaborate(self, platform):
         m = Module()

@@ -1,10 +1,10 @@
 """Memory models for the ports of the engine tops, and the `trimem-small` system top.
 
-`ByteRam` is the memory model of GBUF, PRES, CDRAM, the shared SRAM and flash: a byte-addressed
+`ByteRam` is the memory model of HOST, HBM, GBUF, PRES, CDRAM, the shared SRAM and flash: a byte-addressed
 RAM of byte-wide lanes, so every port reads or writes a run of consecutive bytes at any byte
 address in one cycle (reads answer in the next cycle, or the same one for a `comb` buffer;
 writes land at the clock edge). `FlashPages` serves flash a page at a time after a latency.
-`TrimemSystem` wires the MXU, VPU, PIM and CSD streams to them. Contents come from a bundle's
+`TrimemSystem` wires the DMA, MXU, VPU, PIM and CSD streams to them. Contents come from a bundle's
 `$readmemh` files (`read_hex`: `images/<name>.hex`, `width_bytes` per line, little-endian;
 `programs/<entry>/<engine>.hex`), read when the design is built, so they are the memories'
 initial values in the simulator and in the emitted Verilog alike.
@@ -154,7 +154,8 @@ def page_request_layout(addr_bits: int) -> data.StructLayout:
 
 class FlashPages(wiring.Component):
     """Flash seen page by page: a page read answers `latency` cycles after it is taken with
-    the page's bytes, `beat` per cycle, in order.
+    the page's bytes, `beat` per cycle, in order. Appended KV tokens come in on `i_write`
+    (the CSD top waits out each page's program time itself).
 
     Parameters
     ----------
@@ -173,10 +174,11 @@ class FlashPages(wiring.Component):
     i_request : In(stream.Signature(page_request_layout(addr_bits)))
         Taken while no page is being read.
     o_data : Out(stream.Signature(8 * beat))
+    i_write : In(write_signature(addr_bits, write_bytes))
     """
 
     def __init__(self, size: int, *, page_bytes: int, beat: int, latency: int,
-                 init: bytes = b"", addr_bits: int = 40):
+                 init: bytes = b"", addr_bits: int = 40, write_bytes: int = 4):
         for name, value, low in (("page_bytes", page_bytes, 1), ("beat", beat, 1),
                                  ("latency", latency, 2)):
             if not isinstance(value, int) or value < low:
@@ -184,13 +186,16 @@ class FlashPages(wiring.Component):
         if page_bytes % beat:
             raise ValueError(f"beat {beat!r} does not divide page_bytes {page_bytes!r}")
         self.page_bytes, self.beat, self.latency = page_bytes, beat, latency
-        self.ram = ByteRam(size, reads=(beat,), init=init, addr_bits=addr_bits)
+        self.ram = ByteRam(size, reads=(beat,), writes=(write_bytes,), init=init,
+                           addr_bits=addr_bits)
         super().__init__({"i_request": In(stream.Signature(page_request_layout(addr_bits))),
-                          "o_data": Out(stream.Signature(8 * beat))})
+                          "o_data": Out(stream.Signature(8 * beat)),
+                          "i_write": In(write_signature(addr_bits, write_bytes))})
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.ram = ram = self.ram
+        wiring.connect(m, wiring.flipped(self.i_write), ram.write0)
         beats = self.page_bytes // self.beat
         base = Signal.like(self.i_request.payload.addr)
         index = Signal(range(beats + 1))
@@ -223,37 +228,59 @@ class FlashPages(wiring.Component):
 # The system top
 # ---------------------------------------------------------------------------------------------
 
-STREAMS = ("mxu", "vpu", "pim", "csd")
-"""The streams the RTL system runs (DMA has no RTL engine)."""
+STREAMS = ("dma", "mxu", "vpu", "pim", "csd")
+"""The streams the RTL system runs, in engine id order."""
 HOST_BYTES = 4
 """Width of the host read ports a testbench reads results through."""
+HOST_SPACE_BYTES = 1 << 16
+"""Bytes of HOST memory the system models (token ids, positions, logits of small models)."""
+HBM_MODEL_BYTES = 1 << 18
+"""Bytes of HBM the system models by default: the weights and embedding table of the small
+models it co-simulates (every byte of a memory lives in the design, so not the full space)."""
 
 
-def space_images(cfg, images) -> dict[str, bytes]:
-    """Whole-space initial contents: `images` maps a space name to bytes from address 0, or is
-    a bundle's list of `MemoryImage`s (placed at their addresses)."""
+def space_images(cfg, images, sizes=None) -> dict[str, bytes]:
+    """Initial contents of each space from address 0, as long as its last image reaches:
+    `images` maps a space name to bytes, or is a bundle's list of `MemoryImage`s (placed at
+    their addresses); each must fit the modelled `space_sizes(cfg, sizes)`."""
     if isinstance(images, dict):
-        return {name: bytes(data) for name, data in images.items()}
-    sizes = space_sizes(cfg)
-    out = {name: bytearray(size) for name, size in sizes.items()}
-    for image in images:
-        if image.space not in out:
-            raise ValueError(f"image {image.name!r} is in {image.space}, which the RTL system "
-                             f"does not model; it models {', '.join(out)}")
-        end = image.addr + image.data.size
-        if end > sizes[image.space]:
-            raise ValueError(f"image {image.name!r} ends at byte {end} of {image.space}, which "
-                             f"has {sizes[image.space]}; compile for this hardware config")
-        out[image.space][image.addr:end] = image.data.tobytes()
-    return {name: bytes(data) for name, data in out.items()}
+        images = [(name, name, 0, bytes(data)) for name, data in images.items()]
+    else:
+        images = [(i.name, i.space, i.addr, i.data.tobytes()) for i in images]
+    return place(images, space_sizes(cfg, sizes))
 
 
-def space_sizes(cfg) -> dict[str, int]:
-    """Bytes of each memory space the system top models."""
-    pim, csd = cfg.pim, cfg.csd
-    return {"SRAM": cfg.fpga.sram_bytes, "GBUF": pim.gbuf_total_bytes,
-            "PRES": pim.result_total_bytes, "PIMDRAM": pim.capacity_bytes,
-            "CDRAM": csd.dram_bytes, "FLASH": csd.capacity_bytes}
+def place(images, sizes: dict) -> dict[str, bytes]:
+    """Bytes of each space holding `images` ((name, space, addr, bytes) each), checked
+    against `sizes`."""
+    out: dict = {}
+    for name, space, addr, data in images:
+        if space not in sizes:
+            raise ValueError(f"image {name!r} is in {space}, which the RTL system does not "
+                             f"model; it models {', '.join(sizes)}")
+        end = addr + len(data)
+        if end > sizes[space]:
+            raise ValueError(f"image {name!r} ends at byte {end} of {space}, which has "
+                             f"{sizes[space]} modelled; compile for this hardware config, or "
+                             f"model more of {space}")
+        buf = out.setdefault(space, bytearray())
+        buf.extend(bytes(max(0, end - len(buf))))
+        buf[addr:end] = data
+    return {space: bytes(buf) for space, buf in out.items()}
+
+
+def space_sizes(cfg, sizes=None) -> dict[str, int]:
+    """Bytes of each memory space the system top models: the config's, HOST_SPACE_BYTES of
+    HOST, and `sizes` (space name -> bytes) where given, to model less of a space."""
+    out = {name: cfg.space_bytes(name) for name in ("HBM", "SRAM", "GBUF", "PRES", "PIMDRAM",
+                                                   "CDRAM", "FLASH")}
+    out["HOST"] = HOST_SPACE_BYTES
+    for name, size in (sizes or {}).items():
+        if name not in out:
+            raise ValueError(f"sizes names {name!r}, which the system top does not model; it "
+                             f"models {', '.join(out)}")
+        out[name] = size
+    return out
 
 
 def bundle_inputs(bundle_dir, entry: str, cfg) -> tuple[dict, dict]:
@@ -270,10 +297,9 @@ def bundle_inputs(bundle_dir, entry: str, cfg) -> tuple[dict, dict]:
     for engine, rec in entries[entry]["programs"].items():
         if engine in STREAMS:
             programs[engine] = root / rec["file"].replace(".bin", ".hex")
-    sizes = space_sizes(cfg)
-    images = {name: bytearray(size) for name, size in sizes.items()}
+    sizes, placed = space_sizes(cfg), []
     for rec in manifest["images"]:
-        if rec["space"] not in images:
+        if rec["space"] not in sizes:
             continue
         if "hex" not in rec:
             raise ValueError(f"image {rec['name']!r} has no $readmemh file (over the bundle's "
@@ -281,18 +307,20 @@ def bundle_inputs(bundle_dir, entry: str, cfg) -> tuple[dict, dict]:
         width = rec["hex"]["width_bytes"]
         nbytes = -(-rec["bytes"] // width) * width
         data = read_hex(root / rec["hex"]["file"], width, nbytes)[:rec["bytes"]]
-        images[rec["space"]][rec["addr"]:rec["addr"] + len(data)] = data
-    return programs, {name: bytes(data) for name, data in images.items()}
+        placed.append((rec["name"], rec["space"], rec["addr"], data))
+    return programs, place(placed, sizes)
 
 
 class TrimemSystem(wiring.Component):
-    """The `trimem-small` machine: MXU, VPU, PIM and CSD streams with their memories.
+    """The `trimem-small` machine: DMA, MXU, VPU, PIM and CSD streams with their memories.
 
-    The MXU and VPU engines share one SRAM (a `ByteRam` with a port for each of their windows
-    and a write port each); each PIM channel reads its global buffer and all write the result
-    buffers; the CSD reads and writes CDRAM and reads flash through `FlashPages`, whose page
-    latency is the config's tR. `SyncTokens` orders the streams. There is no HBM model: no RTL
-    engine reads HBM (DMA, VPU.EMBED, KVAPP and ATTN are not built).
+    The DMA copies between HOST, HBM, SRAM, GBUF, PRES and CDRAM, `DMA_BYTES` a cycle; the MXU
+    and VPU engines share the SRAM (a `ByteRam` with a port for each of their windows), and the
+    VPU gathers VPU.EMBED rows from HBM; each PIM channel reads its span of the global buffer
+    and all write the result buffers; the CSD reads and writes CDRAM, reads flash through
+    `FlashPages` (a page answers `FlashTiming.page_read` cycles after its request) and writes
+    appended KV tokens into it. `Reservations` holds the HBM channels, links and PIM buses for
+    the DMA and the VPU as the emulator does, and `SyncTokens` orders the streams.
 
     Parameters
     ----------
@@ -301,7 +329,11 @@ class TrimemSystem(wiring.Component):
     programs : dict of stream name -> program, optional
         As `Frontend` takes them; a missing stream is just HALT.
     images : dict of space name -> bytes, or a list of bundle MemoryImages, optional
-        Initial contents of SRAM, GBUF, PRES, PIMDRAM, CDRAM and FLASH.
+        Initial contents of HOST, HBM, SRAM, GBUF, PRES, PIMDRAM, CDRAM and FLASH.
+    sizes : dict of space name -> int, optional
+        Bytes to model of a space, where fewer than `space_sizes` gives (HBM defaults to
+        HBM_MODEL_BYTES: every byte of a memory is in the design); the DMA refuses copies past
+        them.
     attention : dict, optional
         Buffer sizes of the CSD's `AttentionEngine`.
 
@@ -313,15 +345,17 @@ class TrimemSystem(wiring.Component):
     error : Out(1)
         Any stream or engine reported an error.
     cycles_<stream> : Out(CYCLE_BITS)
-        Each stream's length (mxu, vpu, pim, csd).
+        Each stream's length (dma, mxu, vpu, pim, csd).
     host_sram, host_pres, host_cdram : In(read_signature(addr_bits, 4))
         Read ports for testbenches.
     """
 
-    def __init__(self, cfg, *, programs=None, images=None, attention=None):
+    def __init__(self, cfg, *, programs=None, images=None, sizes=None, attention=None):
         from trimem.hdl.csd_top import CsdTop
+        from trimem.hdl.dma_top import DMA_BYTES, DmaEngine
         from trimem.hdl.mxu_top import MxuEngine
         from trimem.hdl.pim_top import PimTop
+        from trimem.hdl.reserve import Reservations, resource_names
         from trimem.hdl.vpu_top import VpuEngine
 
         missing = [s for s in ("fpga", "pim", "csd") if getattr(cfg, s, None) is None]
@@ -333,36 +367,40 @@ class TrimemSystem(wiring.Component):
         if unknown:
             raise ValueError(f"programs for {sorted(unknown)!r}: the RTL system runs "
                              f"{', '.join(STREAMS)}")
-        images = space_images(cfg, images or {})
-        sizes = space_sizes(cfg)
-        for name, data in images.items():
-            if name not in sizes or len(data) > sizes[name]:
-                raise ValueError(f"image for {name!r} ({len(data)} bytes) does not fit the "
-                                 f"modelled spaces {sizes!r}")
+        sizes = space_sizes(cfg, {"HBM": min(HBM_MODEL_BYTES, cfg.space_bytes("HBM")),
+                                  **(sizes or {})})
+        images = space_images(cfg, images or {}, sizes)
         halt = [isa.encode("HALT")]
-        self.cfg = cfg
+        self.cfg, self.sizes = cfg, sizes
         fpga, pim, csd = cfg.fpga, cfg.pim, cfg.csd
-        self.mxu, self.vpu = MxuEngine(fpga), VpuEngine(fpga)
+        resources = resource_names(cfg)
+        self.dma = DmaEngine(cfg, sizes=sizes)
+        self.mxu = MxuEngine(fpga)
+        self.vpu = VpuEngine(fpga, hbm=True, resources=resources)
+        self.reservations = Reservations(resources, ("dma", "vpu"))
         self.frontends = {name: Frontend(isa.Engine[name.upper()], programs.get(name, halt))
-                          for name in ("mxu", "vpu")}
+                          for name in ("dma", "mxu", "vpu")}
         self.pim = PimTop(pim, program=programs.get("pim", halt),
                           image=images.get("PIMDRAM", b""))
         self.csd = CsdTop(csd, program=programs.get("csd", halt), **(attention or {}))
-        reads = (list(self.mxu.reads.values()) + list(self.vpu.reads.values()) + [HOST_BYTES])
-        self.sram = ByteRam(fpga.sram_bytes, reads=tuple(reads),
-                            writes=(self.mxu.write_bytes, self.vpu.write_bytes),
-                            init=images.get("SRAM", b""), addr_bits=self.mxu.addr_bits)
-        gbuf = images.get("GBUF", b"")
-        self.gbufs = [ByteRam(pim.gbuf_bytes, reads=(pim.mac_lanes, 4),
-                              init=gbuf[c * pim.gbuf_bytes:(c + 1) * pim.gbuf_bytes])
-                      for c in range(pim.channels)]
-        self.pres = ByteRam(pim.result_total_bytes, reads=(HOST_BYTES,),
-                            writes=(pim.banks_per_channel * 4,) * pim.channels,
-                            init=images.get("PRES", b""))
-        self.cdram = ByteRam(csd.dram_bytes, reads=(4, HOST_BYTES), writes=(4,),
-                             init=images.get("CDRAM", b""))
-        self.flash = FlashPages(csd.capacity_bytes, page_bytes=csd.page_bytes,
-                                beat=csd.engine_lanes, latency=max(2, FlashTiming(csd).read),
+
+        def ram(space, reads, writes, **kwargs):
+            return ByteRam(sizes[space], reads=tuple(reads), writes=tuple(writes),
+                           init=images.get(space, b""), **kwargs)
+
+        self.host = ram("HOST", (DMA_BYTES,), (DMA_BYTES,))
+        self.hbm = ram("HBM", (DMA_BYTES, *self.vpu.hbm_reads.values()), (DMA_BYTES,))
+        reads = (list(self.mxu.reads.values()) + list(self.vpu.reads.values())
+                 + [HOST_BYTES, DMA_BYTES])
+        self.sram = ram("SRAM", reads, (self.mxu.write_bytes, self.vpu.write_bytes, DMA_BYTES),
+                        addr_bits=self.mxu.addr_bits)
+        self.gbuf = ram("GBUF", [pim.mac_lanes, 4] * pim.channels + [DMA_BYTES], (DMA_BYTES,))
+        self.pres = ram("PRES", (HOST_BYTES, DMA_BYTES),
+                        (pim.banks_per_channel * 4,) * pim.channels + (DMA_BYTES,))
+        self.cdram = ram("CDRAM", (4, HOST_BYTES, DMA_BYTES), (4, DMA_BYTES))
+        self.flash = FlashPages(sizes["FLASH"], page_bytes=csd.page_bytes,
+                                beat=csd.engine_lanes,
+                                latency=max(2, FlashTiming(csd).page_read),
                                 init=images.get("FLASH", b""))
         ports = {"run": In(1), "halted": Out(1), "error": Out(1)}
         ports.update({f"cycles_{name}": Out(CYCLE_BITS) for name in STREAMS})
@@ -374,18 +412,19 @@ class TrimemSystem(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         fes = self.frontends
-        for name, sub in (("mxu", self.mxu), ("vpu", self.vpu), ("fe_mxu", fes["mxu"]),
-                          ("fe_vpu", fes["vpu"]), ("pim", self.pim), ("csd", self.csd),
-                          ("sram", self.sram), ("pres", self.pres), ("cdram", self.cdram),
+        for name, sub in (("dma", self.dma), ("mxu", self.mxu), ("vpu", self.vpu),
+                          ("fe_dma", fes["dma"]), ("fe_mxu", fes["mxu"]), ("fe_vpu", fes["vpu"]),
+                          ("pim", self.pim), ("csd", self.csd), ("reservations", self.reservations),
+                          ("host", self.host), ("hbm", self.hbm), ("sram", self.sram),
+                          ("gbuf", self.gbuf), ("pres", self.pres), ("cdram", self.cdram),
                           ("flash", self.flash)):
             m.submodules[name] = sub
-        for c, g in enumerate(self.gbufs):
-            m.submodules[f"gbuf{c}"] = g
         m.submodules.tokens = tokens = SyncTokens()
 
         # -- streams: front ends, engines, tokens ---------------------------------------------
         tops = {"pim": self.pim, "csd": self.csd}
-        for name, engine in (("mxu", self.mxu), ("vpu", self.vpu)):
+        engines = {"dma": self.dma, "mxu": self.mxu, "vpu": self.vpu}
+        for name, engine in engines.items():
             fe = fes[name]
             wiring.connect(m, fe.o_instr, engine.i_instr)
             m.d.comb += fe.run.eq(self.run & ~engine.error)
@@ -396,12 +435,18 @@ class TrimemSystem(wiring.Component):
             m.d.comb += getattr(self, f"cycles_{name}").eq(unit.cycles)
         for top in tops.values():
             m.d.comb += top.run.eq(self.run)
-        units = [fes["mxu"], fes["vpu"], self.pim, self.csd]
+        units = [*fes.values(), self.pim, self.csd]
         m.d.comb += [self.halted.eq(Cat(u.halted for u in units).all()),
-                     self.error.eq(Cat(*(u.error for u in units), self.mxu.error,
-                                       self.vpu.error).any())]
+                     self.error.eq(Cat(*(u.error for u in units),
+                                       *(e.error for e in engines.values())).any())]
 
-        # -- SRAM: every window of both engines, a write port each, the host -----------------
+        # -- shared channels and links: the DMA and the VPU's gathers from HBM ---------------
+        res = self.reservations
+        for name in ("dma", "vpu"):
+            wiring.connect(m, engines[name].res, getattr(res, name))
+            m.d.comb += engines[name].now.eq(res.now)
+
+        # -- SRAM: every window of the MXU and VPU, the host, the DMA ------------------------
         port = 0
         for engine in (self.mxu, self.vpu):
             for name in engine.reads:
@@ -409,23 +454,53 @@ class TrimemSystem(wiring.Component):
                                getattr(self.sram, f"read{port}"))
                 port += 1
         wiring.connect(m, wiring.flipped(self.host_sram), getattr(self.sram, f"read{port}"))
+        join(m, self.dma.rd_sram, getattr(self.sram, f"read{port + 1}"))
         wiring.connect(m, self.mxu.wr, self.sram.write0)
         wiring.connect(m, self.vpu.wr, self.sram.write1)
+        join(m, self.dma.wr_sram, self.sram.write2)
 
-        # -- PIM: global buffers, result buffers ------------------------------------------------
-        for c, g in enumerate(self.gbufs):
-            wiring.connect(m, getattr(self.pim, f"gbuf{c}"), g.read0)
-            wiring.connect(m, getattr(self.pim, f"scale{c}"), g.read1)
+        # -- HOST and HBM: the DMA's, and the VPU's gathers -----------------------------------
+        for name, ram in (("host", self.host), ("hbm", self.hbm)):
+            join(m, getattr(self.dma, f"rd_{name}"), ram.read0)
+            join(m, getattr(self.dma, f"wr_{name}"), ram.write0)
+        for i, name in enumerate(self.vpu.hbm_reads, 1):
+            join(m, getattr(self.vpu, f"rd_{name}"), getattr(self.hbm, f"read{i}"))
+
+        # -- PIM: each channel's span of the global buffer, the result buffers ----------------
+        pim = self.cfg.pim
+        for c in range(pim.channels):
+            for i, name in enumerate((f"gbuf{c}", f"scale{c}")):
+                ours, theirs = getattr(self.pim, name), getattr(self.gbuf, f"read{2 * c + i}")
+                m.d.comb += [theirs.addr.eq(ours.addr + c * pim.gbuf_bytes),
+                             ours.data.eq(theirs.data)]
             wiring.connect(m, getattr(self.pim, f"pres{c}"), getattr(self.pres, f"write{c}"))
+        join(m, self.dma.rd_gbuf, getattr(self.gbuf, f"read{2 * pim.channels}"))
+        join(m, self.dma.wr_gbuf, self.gbuf.write0)
         wiring.connect(m, wiring.flipped(self.host_pres), self.pres.read0)
+        join(m, self.dma.rd_pres, self.pres.read1)
+        join(m, self.dma.wr_pres, getattr(self.pres, f"write{pim.channels}"))
 
-        # -- CSD: CDRAM and flash pages ---------------------------------------------------------
+        # -- CSD: CDRAM and flash pages; the DMA's CDRAM ports ---------------------------------
         wiring.connect(m, self.csd.cdram_rd, self.cdram.read0)
         wiring.connect(m, self.csd.cdram_wr, self.cdram.write0)
         wiring.connect(m, wiring.flipped(self.host_cdram), self.cdram.read1)
+        join(m, self.dma.rd_cdram, self.cdram.read2)
+        join(m, self.dma.wr_cdram, self.cdram.write1)
         wiring.connect(m, self.csd.o_page, self.flash.i_request)
         wiring.connect(m, self.flash.o_data, self.csd.i_page)
+        wiring.connect(m, self.csd.flash_wr, self.flash.i_write)
         return m
+
+
+def join(m: Module, port, ram_port) -> None:
+    """Connect an engine's read or write window to a memory port whose address may be narrower
+    or wider (the memory keeps the low bits, as every model here wraps)."""
+    m.d.comb += ram_port.addr.eq(port.addr)
+    if hasattr(port, "en"):
+        m.d.comb += [ram_port.data.eq(port.data), ram_port.mask.eq(port.mask),
+                     ram_port.en.eq(port.en)]
+    else:
+        m.d.comb += port.data.eq(ram_port.data)
 
 
 @register_top("system", ("fpga", "pim", "csd"))

@@ -4,8 +4,8 @@ cycle for cycle.
 `cosim(bundle)` runs one entry of a compiled bundle on the emulator and on the smallest HDL
 top that holds every stream and memory the entry uses (`trimem.sims.tops`): the MXU or VPU
 top for one such stream over the SRAM, the PIM top for one PIM stream over the PIM memories,
-else the `trimem-small` system top (MXU, VPU, PIM and CSD streams over SRAM, GBUF, PRES,
-PIMDRAM, CDRAM and FLASH). The RTL side is the batched harness (`trimem.sims.harness`): the
+else the `trimem-small` system top (DMA, MXU, VPU, PIM and CSD streams over HOST, HBM, SRAM,
+GBUF, PRES, PIMDRAM, CDRAM and FLASH). The RTL side is the batched harness (`trimem.sims.harness`): the
 bundle's `.hex` programs and images are loaded, the inputs written, and the design runs to
 HALT in one call; then the outputs are read back and compared with the emulator's, and every
 instruction's issue cycle with the emulator's schedule. The
@@ -145,7 +145,7 @@ def cosim(bundle, entry: str | None = None) -> CosimResult:
             f"entry {name!r} runs streams {sorted(ent.programs)} over spaces {sorted(spaces)}; "
             f"no HDL top holds them all (the largest, {tops.TOPS[-1].name}, runs "
             f"{', '.join(e.name for e in tops.TOPS[-1].frontends)} over "
-            f"{', '.join(tops.TOPS[-1].spaces)}: DMA, HBM and HOST have no RTL)")
+            f"{', '.join(tops.TOPS[-1].spaces)})")
     top = kind(cfg)
     inputs = b.tests.get(name, {}).get("inputs", {})
     missing = [s.name for s in ent.inputs if s.name not in inputs]

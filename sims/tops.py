@@ -156,14 +156,15 @@ class PimTop(Top):
 
 
 class SystemTop(Top):
-    """The `trimem-small` system (`trimem.hdl.system.TrimemSystem`): MXU, VPU, PIM and CSD
+    """The `trimem-small` system (`trimem.hdl.system.TrimemSystem`): DMA, MXU, VPU, PIM and CSD
     streams, every memory a `ByteRam` (or PIM banks) inside it."""
     name = "system"
-    frontends = {isa.Engine.MXU: "fe_mxu", isa.Engine.VPU: "fe_vpu",
+    frontends = {isa.Engine.DMA: "fe_dma", isa.Engine.MXU: "fe_mxu", isa.Engine.VPU: "fe_vpu",
                  isa.Engine.PIM: "pim.frontend", isa.Engine.CSD: "csd.frontend"}
-    spaces = ("SRAM", "GBUF", "PRES", "PIMDRAM", "CDRAM", "FLASH")
-    rams = {"SRAM": "sram", "PRES": "pres", "CDRAM": "cdram", "FLASH": "flash.ram"}
-    """Space -> path of its ByteRam (GBUF: one per channel, `gbuf<c>`)."""
+    spaces = ("HOST", "HBM", "SRAM", "GBUF", "PRES", "PIMDRAM", "CDRAM", "FLASH")
+    rams = {"HOST": "host", "HBM": "hbm", "SRAM": "sram", "GBUF": "gbuf", "PRES": "pres",
+            "CDRAM": "cdram", "FLASH": "flash.ram"}
+    """Space -> path of its ByteRam."""
 
     def design_kwargs(self):
         """Every stream a placeholder of PROGRAM_DEPTH HALTs, so its instruction memory has
@@ -174,22 +175,15 @@ class SystemTop(Top):
     def cycles(self, h, engine):
         return h.peek(f"cycles_{isa.stream_engine(engine).name.lower()}")
 
-    def _ram(self, space: str, addr: int) -> tuple[str, int]:
-        if space == "GBUF":
-            channel, offset = divmod(addr, self.cfg.pim.gbuf_bytes)
-            return f"gbuf{channel}", offset
-        return self.rams[space], addr
-
     def write(self, h, space, addr, data):
         if space == "PIMDRAM":
             write_banks(h, self.cfg.pim, "pim.", addr, bytes(data))
             return
-        ram, offset = self._ram(space, addr)
-        ram_access(h, ram, offset, np.frombuffer(bytes(data), np.uint8))
+        ram_access(h, self.rams[space], addr, np.frombuffer(bytes(data), np.uint8))
 
     def read(self, h, space, addr, nbytes):
-        ram, offset = self._ram(space, addr)
-        return ram_access(h, ram, offset, np.zeros(nbytes, np.uint8), read=True).tobytes()
+        return ram_access(h, self.rams[space], addr, np.zeros(nbytes, np.uint8),
+                          read=True).tobytes()
 
 
 def ram_access(h: harness.Harness, ram: str, addr: int, data: np.ndarray, *,

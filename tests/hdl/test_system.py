@@ -10,8 +10,9 @@ from amaranth.sim import Simulator
 
 from trimem import bundle, isa
 from trimem.config import load_config
-from trimem.hdl.system import (ByteRam, FlashPages, TrimemSystem, bundle_inputs, read_hex,
-                                space_images)
+from trimem.dram import FlashTiming
+from trimem.hdl.system import (HBM_MODEL_BYTES, HOST_SPACE_BYTES, ByteRam, FlashPages,
+                                TrimemSystem, bundle_inputs, read_hex, space_images)
 
 from tests.hdl.test_attention import attention_case
 from tests.hdl.test_pim import gemv_case
@@ -80,6 +81,31 @@ def test_flash_pages_answer_after_the_latency_in_page_order():
 
     simulate(flash, bench)
     assert got["beats"] == [(5, bytes(range(32, 40))), (6, bytes(range(40, 48)))]
+
+
+def test_flash_pages_serve_bytes_written_through_the_write_port():
+    flash = FlashPages(64, page_bytes=16, beat=8, latency=2)
+    got = []
+
+    async def bench(ctx):
+        ctx.set(flash.i_write.addr, 18)
+        ctx.set(flash.i_write.data, int.from_bytes(b"KV!?", "little"))
+        ctx.set(flash.i_write.mask, 0b0111)
+        ctx.set(flash.i_write.en, 1)
+        await ctx.tick()
+        ctx.set(flash.i_write.en, 0)
+        ctx.set(flash.o_data.ready, 1)
+        ctx.set(flash.i_request.payload.addr, 16)
+        ctx.set(flash.i_request.valid, 1)
+        await ctx.tick()
+        ctx.set(flash.i_request.valid, 0)
+        for _ in range(4):
+            if ctx.get(flash.o_data.valid):
+                got.append(ctx.get(flash.o_data.payload).to_bytes(8, "little"))
+            await ctx.tick()
+
+    simulate(flash, bench)
+    assert got == [bytes(2) + b"KV!" + bytes(3), bytes(8)]
 
 
 def test_read_hex_takes_the_bundle_format_back_to_bytes(tmp_path):
@@ -153,7 +179,8 @@ def test_system_runs_a_bundle_with_pim_and_csd_ordered_by_tokens(tmp_path):
 def test_system_elaborates_for_trimem_small():
     system = TrimemSystem(CFG, attention=ATTENTION)
     Fragment.get(system, None).prepare()
-    assert system.gbufs and system.flash.latency >= 2
+    assert system.flash.latency == FlashTiming(CFG.csd).page_read
+    assert system.sizes["HBM"] == HBM_MODEL_BYTES and system.sizes["HOST"] == HOST_SPACE_BYTES
 
 
 @pytest.mark.unit
@@ -170,8 +197,9 @@ def test_system_needs_all_three_engines():
 def test_system_rejects_a_program_for_a_stream_it_does_not_run():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnusedElaboratable)
-        with pytest.raises(ValueError, match=r"^programs for \['dma'\]: the RTL system runs "):
-            TrimemSystem(CFG, programs={"dma": [isa.encode("HALT")]})
+        with pytest.raises(ValueError, match=r"^programs for \['gpu'\]: the RTL system runs "
+                                             r"dma, mxu, vpu, pim, csd$"):
+            TrimemSystem(CFG, programs={"gpu": [isa.encode("HALT")]})
         gc.collect()
 
 
@@ -180,3 +208,20 @@ def test_images_beyond_a_space_are_rejected():
     image = bundle.MemoryImage("big", "GBUF", CFG.pim.gbuf_bytes - 2, np.zeros(4, np.uint8))
     with pytest.raises(ValueError, match=r"^image 'big' ends at byte \d+ of GBUF, which has"):
         space_images(CFG, [image])
+
+
+@pytest.mark.unit
+def test_an_image_past_the_modelled_part_of_a_space_names_the_fix():
+    image = bundle.MemoryImage("w", "HBM", HBM_MODEL_BYTES - 2, np.zeros(4, np.uint8))
+    with pytest.raises(ValueError, match=r"^image 'w' ends at byte \d+ of HBM, which has "
+                                         r"262144 modelled; compile for this hardware config, "
+                                         r"or model more of HBM$"):
+        space_images(CFG, [image], {"HBM": HBM_MODEL_BYTES})
+    assert len(space_images(CFG, [image])["HBM"]) == HBM_MODEL_BYTES + 2
+
+
+@pytest.mark.unit
+def test_a_size_for_a_space_the_system_does_not_model_is_refused():
+    with pytest.raises(ValueError, match=r"^sizes names 'DISK', which the system top does not "
+                                         r"model; it models HBM, SRAM"):
+        space_images(CFG, [], {"DISK": 4})

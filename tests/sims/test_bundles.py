@@ -2,10 +2,8 @@
 entry no HDL top holds is refused with what it lacks."""
 import pytest
 
-from trimem import isa
-from trimem.bundle import Bundle, Entry, write_bundle
 from trimem.emulator.runner import run_bundle
-from trimem.sims import bundles, cosim, runner
+from trimem.sims import bundles, tops
 
 pytestmark = pytest.mark.unit
 
@@ -27,14 +25,6 @@ def test_a_linear_layer_that_overflows_the_sram_is_refused(tmp_path):
         bundles.linear_bundle(tmp_path / "b", m=64, n=512, k=1024)
 
 
-def test_an_entry_with_dma_names_what_has_no_rtl(tmp_path, small):
-    copy = isa.encode("DMA.COPY", src_space=isa.Space.HBM, src_addr=0,
-                      dst_space=isa.Space.SRAM, dst_addr=0, nbytes=64)
-    entry = Entry("e", "decode", {"dma": [copy, isa.encode("HALT")],
-                                  "mxu": [isa.encode("HALT")]})
-    path = write_bundle(Bundle({"name": "x"}, {"preset": small.name}, {}, {"e": entry}),
-                        tmp_path / "b")
-    with pytest.raises(runner.SimError, match=r"^entry 'e' runs streams \['dma', 'mxu'\] over "
-                                              r"spaces \[\]; no HDL top holds them all .*"
-                                              r"DMA, HBM and HOST have no RTL\)$"):
-        cosim.cosim(path)
+def test_an_entry_with_dma_and_hbm_runs_on_the_system_top():
+    assert tops.choose({"dma": [], "mxu": []}, {"HBM", "HOST", "SRAM"}) is tops.SystemTop
+    assert tops.choose({"mxu": []}, {"SRAM"}) is tops.MxuTop
