@@ -9,7 +9,9 @@ the step, the emulator's report in simulated hardware time.
   step's hardware time comes from a timing-only emulator run of the same entry.
 - "emulator": the functional and cycle-accurate emulator, with the bundle's images and the
   KV cache kept in its memories from step to step.
-- "verilator": Verilator co-simulation of the RTL, which arrives with `trimem cosim`.
+- "verilator": the RTL of a small machine (the `trimem-small` system top) on Verilator,
+  with the KV cache kept in the RTL's memories from step to step; timed by the emulator too,
+  with the RTL's own cycle count beside it.
 """
 from __future__ import annotations
 
@@ -220,13 +222,70 @@ class EmulatorBackend(Backend):
         since every row writes its K and V before its attention reads them."""
 
 
-def verilator_backend(bundle, graph, config, device=None):
-    """Verilator co-simulation of the RTL: it arrives with `trimem cosim`."""
-    raise ValueError("the Verilator co-simulation backend arrives with trimem cosim; "
-                     "use backend='emulator'")
+class VerilatorBackend(Backend):
+    """The bundle's machine as RTL on Verilator, through the batched harness of `trimem cosim`.
+
+    The design is built once (cached on disk), the images are placed before the first step,
+    and each step writes its programs and inputs, runs every stream to HALT and reads the
+    logits back; the memories, KV cache included, live on in the design between steps. The
+    report is a timing-only emulator run of the step, with `rtl_cycles` beside its `cycles`.
+    """
+    name = "verilator"
+
+    def __init__(self, bundle, graph, config, device=None):
+        super().__init__(bundle, graph, config, device)
+        from trimem.sims import cosim, tops
+
+        if not bundle.images:
+            raise ValueError("the bundle has no memory images (a timing-only compile); "
+                             "compile the model with weights to run it on the RTL")
+        engines = {e for entry in bundle.entries.values() for e in entry.programs}
+        spaces = {img.space for img in bundle.images} | {
+            t.space for entry in bundle.entries.values() for t in entry.inputs + entry.outputs}
+        kind = tops.choose(dict.fromkeys(engines), spaces)
+        if kind is None:
+            raise ValueError(f"the RTL runs small machines only (the largest top, "
+                             f"{tops.TOPS[-1].name}, runs "
+                             f"{', '.join(e.name for e in tops.TOPS[-1].frontends)}); this "
+                             f"bundle for {config.name!r} runs {sorted(engines)}; compile for "
+                             f"hw='trimem-small' or use backend='emulator'")
+        self.top = kind(config)
+        self.harness = cosim.open_top(self.top.name, config, **self.top.design_kwargs())
+        self.top.attach(self.harness)
+        self.programs: dict = {}
+        self.placed = False
+
+    def run(self, batch: Batch) -> StepOutput:
+        from trimem.sims import cosim
+
+        start = time.perf_counter()
+        entry = self.bundle.entry(batch.entry)
+        programs = batch_programs(self.bundle, batch, self.programs)
+        _, report = emulate(self.config, entry, programs, batch, timing_only=True)
+        images = [] if self.placed else [(img.space, img.addr, img.data.tobytes())
+                                         for img in self.bundle.images]
+        given = {"ids": batch.ids, "pos": batch.pos}
+        images += [(s.space, s.addr, given[s.name].astype(s.dtype).tobytes())
+                   for s in entry.inputs]
+        (spec,) = [s for s in entry.outputs if s.name == "logits"]
+        rtl = cosim.run_top(self.harness, self.top, programs, images,
+                            [("logits", spec.space, spec.addr, spec.nbytes)],
+                            max_cycles=cosim.CYCLE_MARGIN * report["cycles"] + cosim.SLACK)
+        self.placed = True
+        logits = np.frombuffer(rtl.got["logits"], spec.dtype).reshape(spec.shape)
+        report["rtl_cycles"] = rtl.cycles
+        return StepOutput(np.asarray(logits, np.int32)[batch.real], report,
+                          time.perf_counter() - start)
+
+    def reset(self, slot=None) -> None:
+        """Nothing to clear, as on the emulator: a row writes its K and V before reading them."""
+
+    def close(self) -> None:
+        """Free the Verilated design."""
+        self.harness.close()
 
 
-BACKENDS = {"torch": TorchBackend, "emulator": EmulatorBackend, "verilator": verilator_backend}
+BACKENDS = {"torch": TorchBackend, "emulator": EmulatorBackend, "verilator": VerilatorBackend}
 """The registered backends by name: each is called as (bundle, graph, config, device)."""
 
 

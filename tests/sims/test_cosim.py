@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trimem import numerics, timing
-from trimem.sims import cosim, runner
+from trimem.sims import cosim
 
 pytestmark = [pytest.mark.cosim, pytest.mark.slow]
 
