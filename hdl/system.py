@@ -283,6 +283,13 @@ def space_sizes(cfg, sizes=None) -> dict[str, int]:
     return out
 
 
+def modelled_sizes(cfg, sizes=None) -> dict[str, int]:
+    """Bytes of each space a `TrimemSystem` models: `space_sizes` with HBM cut to
+    HBM_MODEL_BYTES unless `sizes` says otherwise."""
+    return space_sizes(cfg, {"HBM": min(HBM_MODEL_BYTES, cfg.space_bytes("HBM")),
+                             **(sizes or {})})
+
+
 def bundle_inputs(bundle_dir, entry: str, cfg) -> tuple[dict, dict]:
     """(programs, images) of a bundle entry from its `$readmemh` files: each engine's
     `programs/<entry>/<engine>.hex` and every image's `.hex` (width from the manifest)."""
@@ -367,8 +374,7 @@ class TrimemSystem(wiring.Component):
         if unknown:
             raise ValueError(f"programs for {sorted(unknown)!r}: the RTL system runs "
                              f"{', '.join(STREAMS)}")
-        sizes = space_sizes(cfg, {"HBM": min(HBM_MODEL_BYTES, cfg.space_bytes("HBM")),
-                                  **(sizes or {})})
+        sizes = modelled_sizes(cfg, sizes)
         images = space_images(cfg, images or {}, sizes)
         halt = [isa.encode("HALT")]
         self.cfg, self.sizes = cfg, sizes

@@ -242,15 +242,13 @@ class VerilatorBackend(Backend):
         engines = {e for entry in bundle.entries.values() for e in entry.programs}
         spaces = {img.space for img in bundle.images} | {
             t.space for entry in bundle.entries.values() for t in entry.inputs + entry.outputs}
-        kind = tops.choose(dict.fromkeys(engines), spaces)
-        if kind is None:
-            raise ValueError(f"the RTL runs small machines only (the largest top, "
-                             f"{tops.TOPS[-1].name}, runs "
-                             f"{', '.join(e.name for e in tops.TOPS[-1].frontends)}); this "
-                             f"bundle for {config.name!r} runs {sorted(engines)}; compile for "
-                             f"hw='trimem-small' or use backend='emulator'")
-        self.top = kind(config)
-        self.harness = cosim.open_top(self.top.name, config, **self.top.design_kwargs())
+        self.top = tops.choose(dict.fromkeys(engines), spaces)(config)
+        try:
+            self.harness = cosim.open_top(self.top.name, config, **self.top.design_kwargs())
+        except ValueError as exc:
+            raise ValueError(f"the RTL co-simulates small machines, and {config.name!r} is not "
+                             f"one ({exc}); compile for hw='trimem-small' or use "
+                             f"backend='emulator'") from None
         self.top.attach(self.harness)
         self.programs: dict = {}
         self.placed = False

@@ -288,7 +288,7 @@ def run_cocotb(d: Design, module: str, case: dict, workdir, *, waves: bool = Fal
     env = {CASE_ENV: str(case_file), REPORT_ENV: str(report_file)}
     runner = _cocotb_runner()
     try:
-        with _no_pytest_exit():
+        with _no_pytest_exit(), _absolute_executable():
             runner.test(test_module=module, hdl_toplevel=d.name, hdl_toplevel_lang="verilog",
                         build_dir=build,
                         test_dir=workdir, results_xml=str(results), extra_env=env,
@@ -316,6 +316,19 @@ def _no_pytest_exit():
     finally:
         if saved is not None:
             os.environ["PYTEST_CURRENT_TEST"] = saved
+
+
+@contextlib.contextmanager
+def _absolute_executable():
+    """Give cocotb's runner an absolute sys.executable (Python started through a relative
+    PATH entry has a relative one): the simulator runs in the test folder and finds its
+    environment, and with it the installed `trimem`, through that path."""
+    saved = sys.executable
+    sys.executable = os.path.abspath(saved)
+    try:
+        yield
+    finally:
+        sys.executable = saved
 
 
 def _failure_text(results: Path) -> str:

@@ -176,6 +176,13 @@ class SystemTop(Top):
         return h.peek(f"cycles_{isa.stream_engine(engine).name.lower()}")
 
     def write(self, h, space, addr, data):
+        from trimem.hdl.system import modelled_sizes
+
+        size = modelled_sizes(self.cfg)[space]
+        if addr + len(data) > size:
+            raise ValueError(f"{len(data)} bytes at {space} {addr:#x} end past the {size} bytes "
+                             f"of {space} the system top models; compile a smaller model or "
+                             f"build the top with more of {space} (TrimemSystem sizes)")
         if space == "PIMDRAM":
             write_banks(h, self.cfg.pim, "pim.", addr, bytes(data))
             return

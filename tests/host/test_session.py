@@ -271,11 +271,31 @@ def test_unknown_backend_is_rejected_with_the_valid_names():
     assert set(BACKENDS) == {"emulator", "torch", "verilator"}
 
 
-def test_verilator_backend_says_when_it_arrives(sessions):
+def test_verilator_backend_refuses_a_machine_beyond_the_rtl(sessions):
     emu, _ = sessions
-    with pytest.raises(ValueError, match=r"^the Verilator co-simulation backend arrives with "
-                                         r"trimem cosim; use backend='emulator'$"):
+    with pytest.raises(ValueError, match=r"^the RTL co-simulates small machines, and "
+                                         r"'flightllm-u280' is not one \(config 'flightllm-u280' "
+                                         r"lacks pim, csd; .*\); compile for hw='trimem-small' "
+                                         r"or use backend='emulator'$"):
         Session(backend="verilator", bundle=emu.bundle)
+
+
+@pytest.mark.slow
+@pytest.mark.cosim
+def test_verilator_backend_matches_the_emulator_bit_for_bit_and_cycle_for_cycle(tiny_llama):
+    """The tiny LLaMA on trimem-small's RTL: every engine's stream, the KV cache in its flash."""
+    emu = Session(tiny_llama, hw="trimem-small", backend="emulator",
+                  buckets="prefill:4@16,decode:1@16",
+                  compile_options={"placement": {"linear": "mxu"}})
+    rtl = Session(backend="verilator", bundle=emu.bundle)
+    for a, b in ((emu.prefill(PROMPT), rtl.prefill(PROMPT)),
+                 (emu.decode_step(), rtl.decode_step()), (emu.decode_step(), rtl.decode_step())):
+        (x,), (y,) = a.logits.values(), b.logits.values()
+        np.testing.assert_array_equal(x, y)
+    steps = [r.report for r in rtl.records]
+    assert len(steps) == 4 and all(r["rtl_cycles"] == r["cycles"] > 0 for r in steps)
+    assert rtl.records[-1].report["per_engine"].keys() >= {"DMA", "MXU", "VPU", "PIM", "CSD"}
+    rtl.backend.close()
 
 
 def test_torch_backend_needs_the_model_besides_a_bundle(sessions):
