@@ -28,6 +28,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from trimem import isa
+from trimem.hdl.dma_top import DmaEngine
 from trimem.hdl.dsp_chain import ChainArray, DspChain
 from trimem.hdl.frontend import TOP_MODULES, TOPS, Frontend
 from trimem.hdl.mxu_top import MxuEngine, check_mxu
@@ -50,6 +51,7 @@ COMPONENTS = {
     "mxu_engine": lambda cfg: MxuEngine(cfg.fpga),
     "vector_unit": lambda cfg: VectorUnit(cfg.fpga.vpu_lanes),
     "vpu_engine": lambda cfg: VpuEngine(cfg.fpga),
+    "dma_engine": lambda cfg: DmaEngine(cfg),
 }
 """Engine components reported on their own, beside the tops (all need an fpga section)."""
 CHECKS = {"chain_array": (check_mxu,), "mxu_engine": (check_mxu,), "mxu_top": (check_mxu,),

@@ -32,7 +32,7 @@ from amaranth.lib.wiring import In, Out
 
 from trimem import isa, timing
 from trimem.hdl.frontend import CYCLE_BITS, engine_layout, read_signature, write_signature
-from trimem.hdl.reserve import client_signature, request_layout, resource_names
+from trimem.hdl.reserve import client_signature, physical, request_layout, resource_names
 
 DMA_BYTES = 64
 """Bytes a copy moves per cycle: a HOST or CDRAM copy of trimem-small (latency 100 cycles, then
@@ -76,10 +76,6 @@ def check_dma(cfg, width) -> None:
         if value & (value - 1):
             raise ValueError(f"fpga.{name} = {value!r} is not a power of two; the DMA RTL "
                              f"splits HBM ranges by address bits, so use a power of two")
-    if cfg.pim is not None and cfg.pim.shared_with_hbm:
-        raise ValueError("pim.shared_with_hbm is true, but the DMA RTL holds PIM buses and HBM "
-                         "channels as separate resources; use a config with shared_with_hbm: "
-                         "false, such as trimem-small")
 
 
 class DmaEngine(wiring.Component):
@@ -118,14 +114,14 @@ class DmaEngine(wiring.Component):
     def __init__(self, cfg, *, width: int = DMA_BYTES, sizes=None):
         check_dma(cfg, width)
         self.cfg, self.width = cfg, width
-        self.sizes = {name: cfg.space_bytes(name) for name in isa.Space.__members__}
-        self.sizes.update(sizes or {})
         spaces = [HOST, HBM, SRAM]
         if cfg.pim is not None:
             spaces += [GBUF, PRES]
         if cfg.csd is not None:
             spaces += [CDRAM]
         self.spaces = tuple(spaces)
+        self.sizes = {s.name: cfg.space_bytes(s) for s in spaces}
+        self.sizes.update({k: v for k, v in (sizes or {}).items() if k in self.sizes})
         self.resources = resource_names(cfg)
         fpga, links, mhz = cfg.fpga, cfg.links, cfg.fpga.clock_mhz
         rates = {f"hbm{c}": timing.cycles_per_byte(fpga.hbm_gbps_per_channel, mhz)
@@ -135,7 +131,7 @@ class DmaEngine(wiring.Component):
         if cfg.pim is not None:
             rates.update({f"pim{c}": timing.cycles_per_byte(cfg.pim.channel_gbps, mhz)
                           for c in range(cfg.pim.channels)})
-        self.rates = {name: Reciprocal(rates[name], NBYTES_BITS) for name in self.resources}
+        self.rates = {name: Reciprocal(rate, NBYTES_BITS) for name, rate in rates.items()}
         self.latency = {HBM: fpga.hbm_latency_cycles,
                         HOST: timing.latency_cycles(links.pcie_latency_us, mhz),
                         CDRAM: timing.latency_cycles(links.p2p_latency_us, mhz)}
@@ -178,7 +174,7 @@ class DmaEngine(wiring.Component):
     def _side(self, m, name, space, addr, nbytes, other):
         """(latency, {resource: bytes}) of one side, as the emulator's `DmaEngine._side`."""
         latency = Signal(range(max(self.latency.values()) + 1), name=f"{name}_latency")
-        loads = {r: Signal(NBYTES_BITS, name=f"{name}_{r}") for r in self.resources}
+        loads = {r: Signal(NBYTES_BITS, name=f"{name}_{r}") for r in self.rates}
         with m.Switch(space):
             with m.Case(HBM):
                 m.d.comb += latency.eq(self.latency[HBM])
@@ -216,11 +212,13 @@ class DmaEngine(wiring.Component):
         mask = Signal(len(self.resources))
         stream_cycles = Signal(CYCLE_BITS)
         longest = 0
-        for i, r in enumerate(self.resources):
-            ceil = self.rates[r]
-            busy = Signal(CYCLE_BITS, name=f"cycles_{r}")
-            m.d.comb += [busy.eq(ceil(src_loads[r]) + ceil(dst_loads[r])),
-                         mask[i].eq((src_loads[r] != 0) | (dst_loads[r] != 0))]
+        for i, p in enumerate(self.resources):
+            carried = [r for r in self.rates if physical(self.cfg, r) == p]
+            busy = Signal(CYCLE_BITS, name=f"cycles_{p}")
+            m.d.comb += [busy.eq(sum(self.rates[r](side[r]) for r in carried
+                                     for side in (src_loads, dst_loads))),
+                         mask[i].eq(Cat(side[r] != 0 for r in carried
+                                        for side in (src_loads, dst_loads)).any())]
             longest = Mux(busy > longest, busy, longest)
         latency = src_latency + dst_latency
         m.d.comb += stream_cycles.eq(longest)

@@ -24,11 +24,20 @@ from trimem.hdl.frontend import CYCLE_BITS
 
 def resource_names(cfg) -> tuple[str, ...]:
     """The resources of a machine, as the emulator names them: HBM channels `hbm<c>`, the
-    `pcie` and `p2p` links, and the bus of each PIM channel `pim<c>`."""
+    `pcie` and `p2p` links, and the bus of each PIM channel `pim<c>`, unless the PIM channels
+    are the HBM channels (`pim.shared_with_hbm`, see `physical`)."""
     names = [f"hbm{c}" for c in range(cfg.fpga.hbm_channels)] + ["pcie", "p2p"]
-    if cfg.pim is not None:
+    if cfg.pim is not None and not cfg.pim.shared_with_hbm:
         names += [f"pim{c}" for c in range(cfg.pim.channels)]
     return tuple(names)
+
+
+def physical(cfg, name: str) -> str:
+    """The resource that carries `name`: PIM channel c's bus is HBM channel c when the PIM
+    banks sit in the HBM stacks (`pim.shared_with_hbm`), as in the emulator's machine."""
+    if cfg.pim is not None and cfg.pim.shared_with_hbm and name.startswith("pim"):
+        return "hbm" + name[len("pim"):]
+    return name
 
 
 def request_layout(resources: int) -> data.StructLayout:

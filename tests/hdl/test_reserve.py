@@ -3,8 +3,8 @@ then engine id), each starting when all its resources are free, pending clients 
 import pytest
 from amaranth.sim import Simulator
 
-from trimem.config import load_config
-from trimem.hdl.reserve import Reservations, resource_names
+from trimem.config import load_config, load_config_dict
+from trimem.hdl.reserve import Reservations, physical, resource_names
 
 from tests.hdl.rejects import rejects
 
@@ -83,8 +83,16 @@ def test_a_pending_client_on_other_resources_does_not_hold_a_request_back():
 
 
 def test_the_resources_are_named_as_the_emulator_names_them():
-    assert resource_names(load_config("trimem-small")) == ("hbm0", "hbm1", "pcie", "p2p",
-                                                            "pim0")
+    small = load_config("trimem-small")
+    assert resource_names(small) == ("hbm0", "hbm1", "pcie", "p2p", "pim0")
+    assert physical(small, "pim0") == "pim0"
+
+
+def test_pim_buses_in_the_hbm_stacks_are_their_hbm_channels():
+    shared = load_config_dict({"inherits": "trimem-small", "name": "shared",
+                               "pim": {"shared_with_hbm": True, "channels": 2, "rows": 2048}})
+    assert resource_names(shared) == ("hbm0", "hbm1", "pcie", "p2p")
+    assert [physical(shared, r) for r in ("pim0", "pim1", "p2p")] == ["hbm0", "hbm1", "p2p"]
 
 
 @pytest.mark.parametrize("resources, clients, pattern", [

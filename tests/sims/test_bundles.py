@@ -1,9 +1,9 @@
-"""The co-simulation bundles: each runs on the emulator to its own expected outputs, and an
-entry no HDL top holds is refused with what it lacks."""
+"""The co-simulation bundles: each runs on the emulator to its own expected outputs, and one
+that overflows the SRAM is refused."""
 import pytest
 
 from trimem.emulator.runner import run_bundle
-from trimem.sims import bundles, tops
+from trimem.sims import bundles
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +24,3 @@ def test_a_linear_layer_that_overflows_the_sram_is_refused(tmp_path):
                                          r"'trimem-small' has 65536; use a smaller shape$"):
         bundles.linear_bundle(tmp_path / "b", m=64, n=512, k=1024)
 
-
-def test_an_entry_with_dma_and_hbm_runs_on_the_system_top():
-    assert tops.choose({"dma": [], "mxu": []}, {"HBM", "HOST", "SRAM"}) is tops.SystemTop
-    assert tops.choose({"mxu": []}, {"SRAM"}) is tops.MxuTop

@@ -82,8 +82,9 @@ def test_entries_run_on_the_smallest_top_that_holds_them():
     assert tops.choose({"pim": []}, {"GBUF", "PRES", "PIMDRAM"}) is tops.PimTop
     assert tops.choose({"mxu": [], "pim": []}, {"SRAM", "GBUF"}) is tops.SystemTop
     assert tops.choose({"csd": []}, {"CDRAM", "FLASH"}) is tops.SystemTop
-    assert tops.choose({"mxu": [], "dma": []}, {"SRAM"}) is None
-    assert tops.choose({"mxu": []}, {"SRAM", "HBM"}) is None
+    assert tops.choose({"mxu": [], "dma": []}, {"SRAM", "HOST"}) is tops.SystemTop
+    assert tops.choose({"mxu": []}, {"SRAM", "HBM"}) is tops.SystemTop
+    assert tops.choose({"mxu": []}, {"SRAM", "DISK"}) is None
 
 
 class FakeLanes:
