@@ -283,6 +283,21 @@ def space_sizes(cfg, sizes=None) -> dict[str, int]:
     return out
 
 
+def check_system(cfg, sizes=None) -> None:
+    """ValueError naming the problem for a config the system top cannot build: one without
+    all three engines, or with a memory beyond what a simulator holds."""
+    missing = [s for s in ("fpga", "pim", "csd") if getattr(cfg, s, None) is None]
+    if missing:
+        raise ValueError(f"config {cfg.name!r} lacks {', '.join(missing)}; the system top "
+                         f"needs all three engines (trimem-small has them)")
+    big = [f"{name} = {size} bytes" for name, size in modelled_sizes(cfg, sizes).items()
+           if name != "PIMDRAM" and size > MAX_RAM_BYTES]
+    if big:
+        raise ValueError(f"config {cfg.name!r} has {', '.join(big)}, more than the "
+                         f"{MAX_RAM_BYTES} bytes a memory model of the system top holds; use "
+                         f"a small preset such as trimem-small")
+
+
 def modelled_sizes(cfg, sizes=None) -> dict[str, int]:
     """Bytes of each space a `TrimemSystem` models: `space_sizes` with HBM cut to
     HBM_MODEL_BYTES unless `sizes` says otherwise."""
@@ -365,10 +380,7 @@ class TrimemSystem(wiring.Component):
         from trimem.hdl.reserve import Reservations, resource_names
         from trimem.hdl.vpu_top import VpuEngine
 
-        missing = [s for s in ("fpga", "pim", "csd") if getattr(cfg, s, None) is None]
-        if missing:
-            raise ValueError(f"config {cfg.name!r} lacks {', '.join(missing)}; the system top "
-                             f"needs all three engines (trimem-small has them)")
+        check_system(cfg, sizes)
         programs = dict(programs or {})
         unknown = set(programs) - set(STREAMS)
         if unknown:

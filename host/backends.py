@@ -234,6 +234,7 @@ class VerilatorBackend(Backend):
 
     def __init__(self, bundle, graph, config, device=None):
         super().__init__(bundle, graph, config, device)
+        from trimem.hdl.system import check_system
         from trimem.sims import cosim, tops
 
         if not bundle.images:
@@ -244,6 +245,7 @@ class VerilatorBackend(Backend):
             t.space for entry in bundle.entries.values() for t in entry.inputs + entry.outputs}
         self.top = tops.choose(dict.fromkeys(engines), spaces)(config)
         try:
+            check_system(config)
             self.harness = cosim.open_top(self.top.name, config, **self.top.design_kwargs())
         except ValueError as exc:
             raise ValueError(f"the RTL co-simulates small machines, and {config.name!r} is not "

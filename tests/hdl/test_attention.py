@@ -317,7 +317,6 @@ def test_a_head_dim_limit_that_splits_a_lane_chunk_is_rejected():
 
 @pytest.mark.unit
 def test_a_streaming_csd_has_no_rtl_and_the_top_says_how_to_build_one():
-    with pytest.raises(ValueError, match=r"^csd\.engine = 'streaming' has no RTL: .*"
-                                         r"set csd\.engine: sequential"):
-        CsdTop(dataclasses.replace(CSD, engine="streaming"), program=[isa.encode("HALT")],
-               **LIMITS)
+    rejects(r"^csd\.engine = 'streaming' has no RTL: .*set csd\.engine: sequential",
+            lambda: CsdTop(dataclasses.replace(CSD, engine="streaming"),
+                           program=[isa.encode("HALT")], **LIMITS))

@@ -12,7 +12,8 @@ from trimem import bundle, isa
 from trimem.config import load_config
 from trimem.dram import FlashTiming
 from trimem.hdl.system import (HBM_MODEL_BYTES, HOST_SPACE_BYTES, ByteRam, FlashPages,
-                                TrimemSystem, bundle_inputs, read_hex, space_images)
+                                TrimemSystem, bundle_inputs, check_system, read_hex,
+                                space_images)
 
 from tests.hdl.test_attention import attention_case
 from tests.hdl.test_pim import gemv_case
@@ -225,3 +226,12 @@ def test_a_size_for_a_space_the_system_does_not_model_is_refused():
     with pytest.raises(ValueError, match=r"^sizes names 'DISK', which the system top does not "
                                          r"model; it models HBM, SRAM"):
         space_images(CFG, [], {"DISK": 4})
+
+
+@pytest.mark.unit
+def test_a_machine_with_memories_beyond_simulation_is_refused_before_building():
+    with pytest.raises(ValueError, match=r"^config 'trimem-all' has .*FLASH = \d+ bytes, more "
+                                         r"than the 4194304 bytes a memory model of the system "
+                                         r"top holds; use a small preset such as trimem-small$"):
+        check_system(load_config("trimem-all"))
+    check_system(CFG)
