@@ -19,12 +19,20 @@ elements per cycle:
 - `RMS_SQ`, `RMS_AMAX` then `RMS_QUANT`: the three passes of trimem.special.rmsnorm_quant.
   The row shift `sh = bits(max|x|) - RMS_IN_BITS` is known only after the row, and each
   x' = rshift_round(x, sh) is rounded, so RMS_SQ keeps the row max and one sum of x'**2 per
-  shift the row can have (sh <= 0 is one sum of x**2, scaled after). In the cycle after the
-  row's last RMS_SQ chunk the unit picks its sum, divides by n and normalizes the mean
-  square; the next cycle's integer rsqrt feeds the multiply of the first RMS_AMAX chunk, so
-  the scalar work fits the pipeline's fill. RMS_AMAX gives y = x' r gamma, rounded and
-  saturated as in rmsnorm, and its row max, scale code and reciprocal as AMAX does; RMS_QUANT
-  computes y again and quantizes it as QUANT does, one stage later.
+  shift the row can have (sh <= 0 is one sum of x**2, scaled after); one squarer per lane
+  gives the largest shift's, adds give the others'. In the cycle after the row's last RMS_SQ
+  chunk the unit picks its sum, divides by n and normalizes the mean square; the next cycle's
+  integer rsqrt feeds the multiply of the first RMS_AMAX chunk, so the scalar work fits the
+  pipeline's fill. RMS_AMAX gives y = x' r gamma, rounded and saturated as in rmsnorm, and its
+  row max, scale code and reciprocal as AMAX does; RMS_QUANT computes y again and quantizes it
+  as QUANT does.
+
+A lane runs one op per stage in a cycle, so each stage of a lane has one multiplier behind
+operand muxes, sized for its widest user: stage 1 x c (ROPE), x' gamma (RMSNORM) or exp_fx's
+u LOG2E_MULT (SILUMUL); stage 2 p s (ROPE) or x' gamma r (RMSNORM); stage 3 silu(a) b
+(SILUMUL), x R (QUANT) or y R (RMS_QUANT), with the row's reciprocal and exponent registered
+in stage 2. Only SILUMUL's a sigmoid(a) has a multiplier of its own, in stage 3 before
+silu(a) b.
 
 Amaranth expression helpers (`rshift_round`, `saturate`, `bit_length`, `encode_amax`, `rsqrt`) build
 the same integer operations as the numpy definitions, for any shift amount the contract allows.
@@ -51,9 +59,6 @@ EXP_BITS = 8
 ROW_EXP = range(ACT_EXP_MAX + 1)
 """Shape of a row's scale exponent inside the unit: encode_amax of an int32 row gives at most
 ACT_EXP_MAX."""
-QUANT_BITS = (ACT_QMAX << (RECIP_SHIFT + ACT_EXP_MAX)).bit_length() + 1
-"""Width of x * R in QUANT: |x| <= mant << exp and R <= (127 << RECIP_SHIFT) / mant bound it
-by 127 << (RECIP_SHIFT + exp)."""
 EXP_SHIFT = special.LOG2E_SHIFT + ACT_FRAC - special.EXP_LUT_BITS
 """Fraction bits exp_fx drops from u * LOG2E_MULT to index its table."""
 EXP_WHOLE = range(((-special.EXP_INPUT_MIN * special.LOG2E_MULT) >> EXP_SHIFT
@@ -85,8 +90,18 @@ MS_TOP = special.RSQRT_BITS - 1
 """bits(ms) at which rmsnorm's normalisation shift e is 0."""
 NORM_SHIFT = special.RSQRT_BITS + special.GAMMA_FRAC - ACT_FRAC
 """y = x' r gamma >> (NORM_SHIFT + e) brings Q.RSQRT_BITS x Q.GAMMA_FRAC to fx."""
-NORM_BITS = XS_BITS + FX_BITS
-"""Width of x' * gamma."""
+P1_NARROW = max(ROPE_BITS, XS_BITS, (-special.EXP_INPUT_MIN).bit_length() + 1)
+"""Width of stage 1's narrow factor: cos (ROPE), x' (RMSNORM) or exp_fx's clamped |x|
+(SILUMUL); the wide factor is an fx operand or LOG2E_MULT."""
+P1_BITS = FX_BITS + P1_NARROW
+"""Width of stage 1's product."""
+P2_BITS = P1_BITS + special._SQRT_STEPS + 1
+"""Width of stage 2's product: x' gamma (stage 1's) times r, or p times sin (ROPE)."""
+ROT_BITS = FX_BITS + ROPE_BITS + 1
+"""Width of ROPE's x c -+ p s."""
+P3_BITS = FX_BITS + 1 + RECIP_BITS + 1
+"""Width of stage 3's product: silu(a) times b (SILUMUL), or x resp. y times the row's
+reciprocal (QUANT, RMS_QUANT)."""
 MAX_LANES = 256
 """Most lanes a VPU is built with."""
 
@@ -190,14 +205,25 @@ def rsqrt(m, value, name: str):
     """floor(2**RSQRT_BITS / sqrt(value)) for value in [2**(RSQRT_BITS - 2), 2**RSQRT_BITS]:
     the largest r with r * r * value <= 2**(2 RSQRT_BITS), one result bit per step. This is
     rmsnorm's isqrt(2**60 // m) without the division, since r * r <= floor(2**60 / m)
-    exactly when r * r * m <= 2**60."""
+    exactly when r * r * m <= 2**60.
+
+    Each step keeps root * value and root**2 * value, so that the trial (root + 2**bit)**2 *
+    value = root**2 value + 2**(bit + 1) root value + 2**(2 bit) value takes shifts and adds
+    instead of multipliers."""
+    limit = 1 << 2 * special.RSQRT_BITS
     root = Const(0, special._SQRT_STEPS)
+    linear = Const(0, special._SQRT_STEPS + len(value))
+    square = Const(0, limit.bit_length())
     for bit in reversed(range(special._SQRT_STEPS)):
-        trial = root | (1 << bit)
+        trial = square + (linear << bit + 1) + (value << 2 * bit)
+        take = trial <= limit
         step = Signal(special._SQRT_STEPS, name=f"{name}{bit}")
-        m.d.comb += step.eq(Mux(trial * trial * value <= 1 << 2 * special.RSQRT_BITS,
-                                trial, root))
-        root = step
+        step_linear = Signal(len(linear), name=f"{name}{bit}_linear")
+        step_square = Signal(len(square), name=f"{name}{bit}_square")
+        m.d.comb += [step.eq(Mux(take, root | (1 << bit), root)),
+                     step_linear.eq(Mux(take, linear + (value << bit), linear)),
+                     step_square.eq(Mux(take, trial, square))]
+        root, linear, square = step, step_linear, step_square
     return root
 
 
@@ -294,16 +320,38 @@ class VectorUnit(wiring.Component):
         recip_rd = recip.read_port()
 
         # -- RMS_SQ: sum x'**2 for every row shift, then the row shift ------------------------
-        sums = []
-        for s in range(RMS_SHIFTS + 1):
+        # x'_s = 2 x'_(s+1) + d with d = x[s-1] - x[s] (bits of x, x[-1] = 0), so the chunk's
+        # sum of x'_s**2 is 4 times that of x'_(s+1) plus, per lane, d (4 x'_(s+1) + d): 0,
+        # 4 t + 1 or 4 ~t + 1 with t = x >> (s + 1). Only the largest shift takes a squarer.
+        # Sums are exact for the rows that use them (|x| < 2**(s + RMS_IN_BITS)): so t has
+        # RMS_IN_BITS bits and a chunk sum 2 RMS_IN_BITS + bits(lanes).
+        live, tops = [], []
+        for i in range(lanes):
+            x = Signal(signed(FX_BITS), name=f"sq_x{i}")
+            top = Signal(signed(XS_BITS), name=f"sq_top{i}")
+            m.d.comb += [x.eq(Mux(i < slot.count, slot.a[i], 0)),
+                         top.eq(rshift_round(x, RMS_SHIFTS))]
+            live.append(x)
+            tops.append(top)
+        chunk_bits = 2 * special.RMS_IN_BITS + lanes.bit_length()
+        chunk = Signal(chunk_bits, name=f"sq{RMS_SHIFTS}")
+        m.d.comb += chunk.eq(sum(top * top for top in tops))
+        chunks = [chunk]
+        for s in reversed(range(RMS_SHIFTS)):
             total = 0
-            for i in range(lanes):
-                xs = Signal(signed(XS_BITS), name=f"sq{s}_x{i}")
-                m.d.comb += xs.eq(Mux(i < slot.count, rshift_round(slot.a[i], s), 0))
-                total = total + xs * xs
+            for x in live:
+                low, high = (x[s - 1] if s else Const(0, 1)), x[s]
+                t = (x >> s + 1)[:special.RMS_IN_BITS]
+                term = Cat(Const(1, 1), Const(0, 1), Mux(high, ~t, t)).as_signed()
+                total = total + Mux(low ^ high, term, 0)
+            step = Signal(chunk_bits, name=f"sq{s}")
+            m.d.comb += step.eq((chunks[-1] << 2) + total)
+            chunks.append(step)
+        sums = []
+        for s, part in enumerate(reversed(chunks)):
             acc = Signal(SUMSQ_BITS, name=f"sumsq{s}")
             with m.If(is_sq):
-                m.d.sync += acc.eq(Mux(slot.first, 0, acc) + total)
+                m.d.sync += acc.eq(Mux(slot.first, 0, acc) + part)
             sums.append(acc)
         row_len = bit_length(m, row_max, "rms_len")
         lsh = Signal(range(special.RMS_IN_BITS + 1))        # -sh where sh < 0
@@ -341,18 +389,18 @@ class VectorUnit(wiring.Component):
                          y_shift.eq(NORM_SHIFT + e_up - e_down)]
         r = rsqrt(m, norm, "rsqrt")
 
-        # -- stage 1: operands in -------------------------------------------------------------
+        # -- stage 1: operands in; its product is ROPE's x c, RMSNORM's x' gamma or SILUMUL's
+        # u LOG2E_MULT, whose rounding addresses the exp_fx table -----------------------------
         add1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
-        prod1 = Signal(data.ArrayLayout(signed(QUANT_BITS), lanes))
         a1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         b1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         n1 = Signal(data.ArrayLayout(EXP_WHOLE, lanes))
-        rot_width = FX_BITS + ROPE_BITS
-        cos1 = Signal(data.ArrayLayout(signed(rot_width), lanes))
-        sin1 = Signal(data.ArrayLayout(signed(rot_width), lanes))
-        norm1 = Signal(data.ArrayLayout(signed(NORM_BITS), lanes))
+        sin1 = Signal(data.ArrayLayout(signed(ROPE_BITS), lanes))
+        p1 = Signal(data.ArrayLayout(signed(P1_BITS), lanes))
         second1 = Signal()
         m.d.sync += second1.eq(slot.second)
+        is_rope = slot.op == VpuOp.ROPE
+        is_norm = (slot.op == VpuOp.RMS_AMAX) | (slot.op == VpuOp.RMS_QUANT)
         luts = []
         for i in range(lanes):
             a, b = slot.a[i], slot.b[i]
@@ -361,25 +409,34 @@ class VectorUnit(wiring.Component):
             mag = Mux(a < 0, -a, a)
             u = Signal(range(-special.EXP_INPUT_MIN + 1), name=f"u{i}")
             m.d.comb += u.eq(Mux(mag > -special.EXP_INPUT_MIN, -special.EXP_INPUT_MIN, mag))
-            v = Signal(range(EXP_WHOLE.stop << special.EXP_LUT_BITS), name=f"v{i}")
-            m.d.comb += v.eq(rshift_round(u * special.LOG2E_MULT, EXP_SHIFT))
-            m.d.comb += lut.addr.eq(v[:special.EXP_LUT_BITS])
             xs = Signal(signed(XS_BITS), name=f"xs{i}")
             m.d.comb += xs.eq(shift_signed(a, lsh, rsh))
-            m.d.sync += [add1[i].eq(saturate(a + b, FX_BITS)), prod1[i].eq(a * recip_rd.data),
-                         a1[i].eq(a), b1[i].eq(b), n1[i].eq(v >> special.EXP_LUT_BITS),
-                         cos1[i].eq(a * slot.cos[i]), sin1[i].eq(b * slot.sin[i]),
-                         norm1[i].eq(xs * b)]
+            wide = Signal(signed(FX_BITS), name=f"p1a{i}")
+            narrow = Signal(signed(P1_NARROW), name=f"p1b{i}")
+            m.d.comb += [wide.eq(Mux(is_rope, a, Mux(is_norm, b, special.LOG2E_MULT))),
+                         narrow.eq(Mux(is_rope, slot.cos[i], Mux(is_norm, xs, u)))]
+            product = Signal(signed(P1_BITS), name=f"p1_{i}")
+            m.d.comb += product.eq(wide * narrow)
+            v = Signal(range(EXP_WHOLE.stop << special.EXP_LUT_BITS), name=f"v{i}")
+            m.d.comb += v.eq(rshift_round(product, EXP_SHIFT))
+            m.d.comb += lut.addr.eq(v[:special.EXP_LUT_BITS])
+            m.d.sync += [add1[i].eq(saturate(a + b, FX_BITS)), a1[i].eq(a), b1[i].eq(b),
+                         n1[i].eq(v >> special.EXP_LUT_BITS), sin1[i].eq(slot.sin[i]),
+                         p1[i].eq(product)]
 
-        # -- stage 2: function / LUT; RMSNORM's y, its row max, scale code and reciprocal -----
+        # -- stage 2: function / LUT; its product is ROPE's p s or RMSNORM's x' gamma r, then
+        # RMSNORM's y, its row max, scale code and reciprocal ---------------------------------
         add2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
-        rot2 = Signal(data.ArrayLayout(signed(rot_width + 1), lanes))
-        q2 = Signal(data.ArrayLayout(signed(A8_BITS), lanes))
+        rot2 = Signal(data.ArrayLayout(signed(ROT_BITS), lanes))
         a2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         b2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         sig2 = Signal(data.ArrayLayout(unsigned(SIG_BITS), lanes))
         y1 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
         y2 = Signal(data.ArrayLayout(signed(FX_BITS), lanes))
+        recip2 = Signal(RECIP_BITS)
+        exp2 = Signal(ROW_EXP)
+        m.d.sync += [recip2.eq(recip_rd.data), exp2.eq(row_exp)]
+        rope1 = ctl1.op == VpuOp.ROPE
         for i in range(lanes):
             lut = luts[i]
             e = Signal(special.EXP_FRAC + 1, name=f"e{i}")
@@ -389,13 +446,15 @@ class VectorUnit(wiring.Component):
             num = Signal(special.SIGMOID_FRAC + special.EXP_FRAC + 2, name=f"num{i}")
             m.d.comb += num.eq((e << special.SIGMOID_FRAC) + (den >> 1))
             low = divide(m, num, den, SIG_BITS, f"low{i}")
-            q = rshift_round(prod1[i], RECIP_SHIFT + row_exp)
-            turn = Mux(second1, cos1[i] + sin1[i], cos1[i] - sin1[i])
-            m.d.comb += y1[i].eq(saturate(rshift_round(norm1[i] * r, y_shift), FX_BITS))
+            product = Signal(signed(P2_BITS), name=f"p2_{i}")
+            m.d.comb += product.eq(Mux(rope1, b1[i], p1[i]) * Mux(rope1, sin1[i], r))
+            cos_x, sin_p = p1[i][:ROT_BITS].as_signed(), product[:ROT_BITS].as_signed()
+            turn = Mux(second1, cos_x + sin_p, cos_x - sin_p)
+            m.d.comb += y1[i].eq(saturate(rshift_round(product, y_shift), FX_BITS))
             m.d.sync += [add2[i].eq(add1[i]), a2[i].eq(a1[i]), b2[i].eq(b1[i]),
                          rot2[i].eq(rshift_round(turn, special.ROPE_FRAC)),
                          sig2[i].eq(Mux(a1[i] >= 0, (1 << special.SIGMOID_FRAC) - low, low)),
-                         q2[i].eq(clip_q(q)), y2[i].eq(y1[i])]
+                         y2[i].eq(y1[i])]
         ymax = Signal(FX_BITS + 1)
         chunk_ymax = abs_max(m, [y1[i] for i in range(lanes)], ctl1.count, "ymax")
         row_ymax = Signal(FX_BITS + 1)
@@ -409,22 +468,25 @@ class VectorUnit(wiring.Component):
         m.d.comb += [recip_rd.addr.eq(Mux(is_ymax, ymant, mant)),
                      recip_rd.en.eq((is_amax & slot.last) | (is_ymax & ctl1.last))]
 
-        # -- stage 3: round and saturate into the output --------------------------------------
+        # -- stage 3: silu(a) b, x R or y R; round and saturate into the output ---------------
         out = self.o_slot.payload
         m.d.comb += [self.o_slot.valid.eq(ctl2.valid), out.op.eq(ctl2.op),
                      out.count.eq(ctl2.count), out.last.eq(ctl2.last),
                      out.mant.eq(ctl2.mant), out.exp.eq(ctl2.exp)]
+        silu2 = ctl2.op == VpuOp.SILUMUL
         for i in range(lanes):
             silu = Signal(signed(FX_BITS + 1), name=f"silu{i}")
             m.d.comb += silu.eq(rshift_round(a2[i] * sig2[i], special.SIGMOID_FRAC))
-            prod = rshift_round(silu * b2[i], ACT_FRAC)
+            wide = Signal(signed(FX_BITS + 1), name=f"p3a{i}")
+            m.d.comb += wide.eq(Mux(silu2, silu, Mux(ctl2.op == VpuOp.QUANT, a2[i], y2[i])))
+            product = Signal(signed(P3_BITS), name=f"p3_{i}")
+            m.d.comb += product.eq(wide * Mux(silu2, b2[i], recip2))
             with m.Switch(ctl2.op):
                 with m.Case(VpuOp.ADD):
                     m.d.comb += out.y[i].eq(add2[i])
                 with m.Case(VpuOp.ROPE):
                     m.d.comb += out.y[i].eq(saturate(rot2[i], FX_BITS))
                 with m.Default():
-                    m.d.comb += out.y[i].eq(saturate(prod, FX_BITS))
-            yq = rshift_round(y2[i] * recip_rd.data, RECIP_SHIFT + row_exp)
-            m.d.comb += out.q[i].eq(Mux(ctl2.op == VpuOp.RMS_QUANT, clip_q(yq), q2[i]))
+                    m.d.comb += out.y[i].eq(saturate(rshift_round(product, ACT_FRAC), FX_BITS))
+            m.d.comb += out.q[i].eq(clip_q(rshift_round(product, RECIP_SHIFT + exp2)))
         return m

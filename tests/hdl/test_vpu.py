@@ -208,6 +208,60 @@ def test_rmsnorm_matches_rmsnorm_quant_bit_for_bit_in_the_cycles_timing_gives(m,
     np.testing.assert_array_equal(got_exp, exp)
 
 
+@pytest.mark.parametrize("m, n", [(5, 3), (4, 8), (3, 9)])
+def test_quant_rows_of_one_chunk_back_to_back_keep_each_rows_reciprocal(m, n):
+    """A row's reciprocal may change two cycles after its last AMAX chunk."""
+    rng = np.random.default_rng(m + n)
+    x = (rng.integers(-2**31, 2**31, size=(m, n)) >> rng.integers(0, 31, size=(m, 1)))
+    x = x.astype(np.int32)
+    sram = np.zeros(SMALL.fpga.sram_bytes, np.uint8)
+    sram[A_ADDR:A_ADDR + 4 * m * n] = layout.pack_fx_rows(x)
+    fields = dict(m=m, n=n, x_addr=A_ADDR, o_addr=O_ADDR, s_addr=S_ADDR)
+    cycles = timing.vpu_cycles(SMALL.fpga, "VPU.QUANT", fields)
+    out = run_vpu([isa.encode("VPU.QUANT", **fields), isa.encode("HALT")], sram,
+                  [(O_ADDR, m * n), (S_ADDR, 4 * m)], cycles)
+    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
+    a8, mant, exp = numerics.quantize_act(x)
+    got = layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8), n)
+    np.testing.assert_array_equal(got, a8)
+    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
+    np.testing.assert_array_equal(got_mant, mant)
+    np.testing.assert_array_equal(got_exp, exp)
+
+
+@pytest.mark.parametrize("n", [5, 19])
+def test_rmsnorm_rows_at_every_row_shift_match_rmsnorm_quant(n):
+    """Rows whose max |x| has 1 to 32 bits: every sum of squares the lanes keep is used."""
+    rng = np.random.default_rng(n)
+    tops = list(range(1, 33))
+    m = len(tops)
+    x = np.zeros((m, n), np.int64)
+    for r, top in enumerate(tops):
+        lo = -(1 << top - 1)
+        row = rng.integers(lo, -lo, n) >> rng.integers(0, 4, n)
+        row[rng.integers(n)] = lo if r % 2 else -lo - 1
+        x[r] = row
+    x = x.astype(np.int32)
+    gamma = rng.integers(-2**31, 2**31, n).astype(np.int32) >> rng.integers(0, 20, n)
+    gamma = gamma.astype(np.int32)
+    eps = 168
+    sram = np.zeros(SMALL.fpga.sram_bytes, np.uint8)
+    sram[A_ADDR:A_ADDR + 4 * m * n] = layout.pack_fx_rows(x)
+    sram[B_ADDR:B_ADDR + 4 * (n + 1)] = np.append(gamma, eps).astype("<i4").view(np.uint8)
+    fields = dict(m=m, n=n, x_addr=A_ADDR, g_addr=B_ADDR, o_addr=O_ADDR + 0x1000,
+                  s_addr=S_ADDR + 0x1000)
+    cycles = timing.vpu_cycles(SMALL.fpga, "VPU.RMSNORM", fields)
+    out = run_vpu([isa.encode("VPU.RMSNORM", **fields), isa.encode("HALT")], sram,
+                  [(O_ADDR + 0x1000, m * n), (S_ADDR + 0x1000, 4 * m)], cycles)
+    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
+    a8, mant, exp = special.rmsnorm_quant(x, gamma, eps)
+    got = layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8), n)
+    np.testing.assert_array_equal(got, a8)
+    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
+    np.testing.assert_array_equal(got_mant, mant)
+    np.testing.assert_array_equal(got_exp, exp)
+
+
 @pytest.mark.sim
 @pytest.mark.parametrize("word", [
     isa.encode("VPU.EMBED", m=1, n=8, ids_addr=0, table_addr=0, o_addr=0),
