@@ -21,6 +21,9 @@ Rates. Cycles per byte are constant fractions num / den of the config
 (`timing.cycles_per_byte`); ceil(bytes * num / den) is a multiply by a constant reciprocal and
 a shift, proven exact for every byte count of the `nbytes` field when the engine is built
 (`Reciprocal`).
+
+`DmaTop` runs the DMA stream on its own: front end, engine, `Reservations` and a small
+`ByteRam` per space, with a host port to load and read them (the cocotb testbench's top).
 """
 from __future__ import annotations
 
@@ -31,8 +34,12 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from trimem import isa, timing
-from trimem.hdl.frontend import CYCLE_BITS, engine_layout, read_signature, write_signature
-from trimem.hdl.reserve import client_signature, physical, request_layout, resource_names
+from trimem.hdl.frontend import (CYCLE_BITS, HOST_BYTES, Frontend, engine_layout, load_layout,
+                                 read_signature, register_top, token_signature,
+                                 write_signature)
+from trimem.hdl.reserve import (Reservations, client_signature, physical, request_layout,
+                                resource_names)
+from trimem.hdl.system import ByteRam, join
 
 DMA_BYTES = 64
 """Bytes a copy moves per cycle: a HOST or CDRAM copy of trimem-small (latency 100 cycles, then
@@ -41,6 +48,9 @@ NBYTES_BITS = next(f.width for f in isa.lookup("DMA.COPY").fields if f.name == "
 """Width of a copy's byte count."""
 HOST, HBM, SRAM = isa.Space.HOST, isa.Space.HBM, isa.Space.SRAM
 GBUF, PRES, CDRAM = isa.Space.GBUF, isa.Space.PRES, isa.Space.CDRAM
+RAM_BYTES = 4096
+"""Bytes a `DmaTop` models of each space by default: small memories keep Verilator builds
+quick, and a 4 KiB copy still runs many chunks."""
 
 
 class Reciprocal:
@@ -76,6 +86,13 @@ def check_dma(cfg, width) -> None:
         if value & (value - 1):
             raise ValueError(f"fpga.{name} = {value!r} is not a power of two; the DMA RTL "
                              f"splits HBM ranges by address bits, so use a power of two")
+
+
+def reached_spaces(cfg) -> tuple:
+    """The spaces the engine of `cfg` copies between: GBUF and PRES with a pim section, CDRAM
+    with a csd one."""
+    return ((HOST, HBM, SRAM) + ((GBUF, PRES) if cfg.pim is not None else ())
+            + ((CDRAM,) if cfg.csd is not None else ()))
 
 
 class DmaEngine(wiring.Component):
@@ -114,13 +131,8 @@ class DmaEngine(wiring.Component):
     def __init__(self, cfg, *, width: int = DMA_BYTES, sizes=None):
         check_dma(cfg, width)
         self.cfg, self.width = cfg, width
-        spaces = [HOST, HBM, SRAM]
-        if cfg.pim is not None:
-            spaces += [GBUF, PRES]
-        if cfg.csd is not None:
-            spaces += [CDRAM]
-        self.spaces = tuple(spaces)
-        self.sizes = {s.name: cfg.space_bytes(s) for s in spaces}
+        self.spaces = reached_spaces(cfg)
+        self.sizes = {s.name: cfg.space_bytes(s) for s in self.spaces}
         self.sizes.update({k: v for k, v in (sizes or {}).items() if k in self.sizes})
         self.resources = resource_names(cfg)
         fpga, links, mhz = cfg.fpga, cfg.links, cfg.fpga.clock_mhz
@@ -296,3 +308,103 @@ class DmaEngine(wiring.Component):
             m.d.comb += [port.addr.eq(wr_addr), port.data.eq(chunk), port.mask.eq(wr_mask),
                          port.en.eq(writing & (writing_to == space))]
         return m
+
+
+def ram_sizes(cfg, ram_bytes: int = RAM_BYTES) -> dict[str, int]:
+    """Bytes a `DmaTop` models of each space its engine reaches (space name -> bytes): the
+    first `ram_bytes`, or all of a smaller space."""
+    if isinstance(ram_bytes, bool) or not isinstance(ram_bytes, int) or ram_bytes < 1:
+        raise ValueError(f"ram_bytes must be a positive int, got {ram_bytes!r}")
+    return {s.name: min(ram_bytes, cfg.space_bytes(s) or ram_bytes)
+            for s in reached_spaces(cfg)}
+
+
+class DmaTop(wiring.Component):
+    """The DMA stream on its own: front end, `DmaEngine`, `Reservations` and a `ByteRam` per
+    space the engine reaches, holding that space's first bytes (`ram_sizes`).
+
+    Parameters
+    ----------
+    cfg : trimem.config.HardwareConfig
+    program : as `Frontend` takes it
+    depth : int, optional
+        Instruction memory depth (`Frontend`).
+    ram_bytes : int
+        Bytes modelled of each space; the engine refuses copies beyond them.
+
+    Members
+    -------
+    run, o_push, o_pop, i_load, cycles
+        The front end's (see `Frontend`).
+    halted : Out(1)
+        The stream ended, or stopped on an error.
+    error : Out(1)
+        The front end's error, or a word the engine cannot run.
+    host_space : In(isa.Space)
+        The memory the host ports reach.
+    host_rd : In(read_signature(DMA_ADDR_BITS, HOST_BYTES))
+        Reads `host_space`; the data comes in the next cycle, from the space selected in the
+        address's cycle.
+    host_wr : In(write_signature(DMA_ADDR_BITS, HOST_BYTES))
+        Writes `host_space` in cycles the engine does not write it.
+    """
+
+    def __init__(self, cfg, *, program=(), depth: int | None = None,
+                 ram_bytes: int = RAM_BYTES):
+        self.sizes = ram_sizes(cfg, ram_bytes)
+        self.frontend = Frontend(isa.Engine.DMA, program, depth=depth)
+        self.dma = DmaEngine(cfg, sizes=self.sizes)
+        self.reservations = Reservations(resource_names(cfg), ("dma",))
+        self.rams = {name: ByteRam(size, reads=(DMA_BYTES, HOST_BYTES), writes=(DMA_BYTES,),
+                                   addr_bits=isa.ADDR_BITS[isa.Space[name]])
+                     for name, size in self.sizes.items()}
+        super().__init__({
+            "run": In(1), "halted": Out(1), "error": Out(1), "cycles": Out(CYCLE_BITS),
+            "o_push": Out(token_signature()), "o_pop": Out(token_signature()),
+            "i_load": In(stream.Signature(load_layout(self.frontend.depth))),
+            "host_space": In(isa.Space),
+            "host_rd": In(read_signature(isa.DMA_ADDR_BITS, HOST_BYTES)),
+            "host_wr": In(write_signature(isa.DMA_ADDR_BITS, HOST_BYTES))})
+
+    def elaborate(self, platform):
+        m = Module()
+        fe, dma, res = self.frontend, self.dma, self.reservations
+        m.submodules.frontend = fe
+        m.submodules.dma = dma
+        m.submodules.reservations = res
+
+        # -- stream, holds, status ------------------------------------------------------------
+        wiring.connect(m, fe.o_instr, dma.i_instr)
+        wiring.connect(m, dma.res, res.dma)
+        wiring.connect(m, wiring.flipped(self.i_load), fe.i_load)
+        wiring.connect(m, fe.o_push, wiring.flipped(self.o_push))
+        wiring.connect(m, fe.o_pop, wiring.flipped(self.o_pop))
+        m.d.comb += [dma.now.eq(res.now), fe.run.eq(self.run & ~dma.error),
+                     self.halted.eq(fe.halted | dma.error),
+                     self.error.eq(fe.error | dma.error), self.cycles.eq(fe.cycles)]
+
+        # -- memories: the engine's ports, the host's where the engine does not write ---------
+        read_space = Signal(isa.Space)
+        m.d.sync += read_space.eq(self.host_space)
+        host_wr = self.host_wr
+        for name, ram in self.rams.items():
+            space, port = isa.Space[name], name.lower()
+            m.submodules[port] = ram
+            join(m, getattr(dma, f"rd_{port}"), ram.read0)
+            m.d.comb += ram.read1.addr.eq(self.host_rd.addr)
+            with m.If(read_space == space):
+                m.d.comb += self.host_rd.data.eq(ram.read1.data)
+            engine_wr = getattr(dma, f"wr_{port}")
+            with m.If(engine_wr.en):
+                join(m, engine_wr, ram.write0)
+            with m.Else():
+                m.d.comb += [ram.write0.addr.eq(host_wr.addr), ram.write0.data.eq(host_wr.data),
+                             ram.write0.mask.eq(host_wr.mask),
+                             ram.write0.en.eq(host_wr.en & (self.host_space == space))]
+        return m
+
+
+@register_top("dma", ("fpga",))
+def dma_top(cfg, **kwargs) -> DmaTop:
+    """The DMA stream of `cfg` on its own (keyword arguments as `DmaTop` takes them)."""
+    return DmaTop(cfg, **kwargs)

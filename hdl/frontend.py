@@ -68,7 +68,7 @@ SIZE_BITS = isa.M.width
 TOPS: dict = {}
 """Top name -> factory(cfg, **kwargs) returning an elaboratable top; filled by `register_top`."""
 TOP_MODULES = ("trimem.hdl.mxu_top", "trimem.hdl.vpu_top", "trimem.hdl.pim_top",
-               "trimem.hdl.csd_top", "trimem.hdl.system")
+               "trimem.hdl.csd_top", "trimem.hdl.dma_top", "trimem.hdl.system")
 """Modules that register tops when imported; build imports those that exist."""
 
 

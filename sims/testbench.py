@@ -56,6 +56,9 @@ COMPONENTS = {c.name: c for c in (
     Component("csd", "csd", "trimem.sims.tb_csd",
               "CSD.ATTN streams on the CSD top (attention engine, flash pages)",
               {"depth": PROGRAM_DEPTH}),
+    Component("dma", "dma", "trimem.sims.tb_dma",
+              "DMA.COPY streams between every pair of spaces on the DMA top",
+              {"depth": PROGRAM_DEPTH}),
 )}
 """Testbenches by component name (`trimem sim COMPONENT`)."""
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from trimem import isa
-from trimem.sims import runner, tb_csd, tb_dsp_chain, tb_mxu, tb_pim, tb_vpu, testbench
+from trimem.sims import (runner, tb_csd, tb_dma, tb_dsp_chain, tb_mxu, tb_pim, tb_vpu,
+                         testbench)
 
 SEEDS = (0, 1)
 
@@ -19,7 +20,7 @@ def mxu_case(small):
 @pytest.mark.unit
 def test_an_unknown_component_is_rejected_with_the_known_ones():
     with pytest.raises(ValueError, match=r"^no testbench for component 'gpu'; choose one of "
-                                         r"dsp_chain, mxu, vpu, pim, csd$"):
+                                         r"dsp_chain, mxu, vpu, pim, csd, dma$"):
         testbench.component("gpu")
 
 
@@ -65,6 +66,31 @@ def test_vpu_cases_run_every_op_the_rtl_builds(small):
     case = tb_vpu.make_case(0, small)
     names = {isa.decode(bytes.fromhex(w)).name for w in case["program"]}
     assert set(BUILT) <= names and "NOP" in names
+
+
+@pytest.mark.unit
+def test_dma_cases_copy_between_every_pair_of_spaces_the_engine_runs(small):
+    case = tb_dma.make_case(0, small)
+    copies = [isa.decode(bytes.fromhex(w)) for w in case["program"]]
+    copies = [c.fields for c in copies if c.name == "DMA.COPY"]
+    pairs = {(isa.Space(c["src_space"]).name, isa.Space(c["dst_space"]).name) for c in copies}
+    assert pairs == set(tb_dma.pairs(case["sizes"])) and len(pairs) == 34
+    assert any(c["nbytes"] == 1 for c in copies)
+    assert any(c["nbytes"] > 2 * tb_dma.DMA_BYTES and c["src_addr"] % 4 for c in copies)
+    overlapping = [c for c in copies if c["src_space"] == c["dst_space"] == isa.Space.HBM
+                   and abs(c["dst_addr"] - c["src_addr"]) < c["nbytes"]]
+    assert {c["dst_addr"] > c["src_addr"] for c in overlapping} == {True, False}
+
+
+@pytest.mark.unit
+def test_a_dma_copy_that_needs_the_cycle_it_waits_gets_a_nop_before_it():
+    wrote = tb_dma.Copy("SRAM", 0, "GBUF", 0, 4)      # its one chunk lands in its end cycle
+    copies = [wrote, tb_dma.Copy("GBUF", 0, "SRAM", 8, 8), tb_dma.Copy("SRAM", 8, "GBUF", 16, 4)]
+    program, kept = tb_dma.schedule(copies, [1, 2, 1])
+    assert program == [copies[0].text(), copies[1].text(), "NOP", copies[2].text()]
+    assert [i for i, _ in kept] == [0, 1, 3]
+    program, kept = tb_dma.schedule([wrote, tb_dma.Copy("HOST", 0, "SRAM", 0, 4096)], [1, 60])
+    assert program == [wrote.text()] and len(kept) == 1
 
 
 @pytest.mark.unit
