@@ -27,7 +27,6 @@ a shift, proven exact for every byte count of the `nbytes` field when the engine
 """
 from __future__ import annotations
 
-from fractions import Fraction
 
 from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
@@ -37,8 +36,8 @@ from trimem import isa, timing
 from trimem.hdl.frontend import (CYCLE_BITS, HOST_BYTES, Frontend, engine_layout, load_layout,
                                  read_signature, register_top, token_signature,
                                  write_signature)
-from trimem.hdl.reserve import (Reservations, client_signature, physical, request_layout,
-                                resource_names)
+from trimem.hdl.reserve import (Reciprocal, Reservations, client_signature, hbm_range_bytes,
+                                physical, request_layout, resource_names)
 from trimem.hdl.system import ByteRam, join
 
 DMA_BYTES = 64
@@ -51,27 +50,6 @@ GBUF, PRES, CDRAM = isa.Space.GBUF, isa.Space.PRES, isa.Space.CDRAM
 RAM_BYTES = 4096
 """Bytes a `DmaTop` models of each space by default: small memories keep Verilator builds
 quick, and a 4 KiB copy still runs many chunks."""
-
-
-class Reciprocal:
-    """ceil(x * rate) for 0 <= x < 2**bits as ((x * num + den - 1) * mult) >> shift.
-
-    With y = x * num + den - 1 < 2**n, mult = ceil(2**shift / den) and e = mult * den -
-    2**shift, floor(y * mult / 2**shift) = floor(y / den) whenever e * y < 2**shift; shift =
-    n + bit length of den gives it, since e < den. The constructor checks that bound.
-    """
-
-    def __init__(self, rate: Fraction, bits: int):
-        self.num, self.den = rate.numerator, rate.denominator
-        top = ((1 << bits) - 1) * self.num + self.den - 1
-        self.shift = top.bit_length() + self.den.bit_length()
-        self.mult = -(-(1 << self.shift) // self.den)
-        if (self.mult * self.den - (1 << self.shift)) * top >= 1 << self.shift:
-            raise ValueError(f"no exact reciprocal of {rate!r} over {bits}-bit byte counts")
-
-    def __call__(self, x):
-        """ceil(x * rate) of an int or an Amaranth value."""
-        return ((x * self.num + self.den - 1) * self.mult) >> self.shift
 
 
 def check_dma(cfg, width) -> None:
@@ -159,19 +137,6 @@ class DmaEngine(wiring.Component):
 
     # -- one side of a copy ----------------------------------------------------------------
 
-    def _hbm_bytes(self, addr, nbytes) -> list:
-        """Bytes of [addr, addr + nbytes) in each HBM channel (`timing.hbm_channel_bytes`)."""
-        step, channels = self.cfg.fpga.hbm_interleave_bytes, self.cfg.fpga.hbm_channels
-        period = step * channels
-
-        def prefix(x):
-            rounds, rest = x >> (period.bit_length() - 1), x & (period - 1)
-            return [rounds * step + Mux(rest >= (c + 1) * step, step,
-                                        Mux(rest > c * step, rest - c * step, 0))
-                    for c in range(channels)]
-
-        return [b - a for a, b in zip(prefix(addr), prefix(addr + nbytes))]
-
     def _pim_bytes(self, space, addr, nbytes) -> list:
         """Bytes of the range on each PIM channel's bus: channel c owns the c-th span."""
         pim = self.cfg.pim
@@ -190,7 +155,7 @@ class DmaEngine(wiring.Component):
         with m.Switch(space):
             with m.Case(HBM):
                 m.d.comb += latency.eq(self.latency[HBM])
-                for c, nb in enumerate(self._hbm_bytes(addr, nbytes)):
+                for c, nb in enumerate(hbm_range_bytes(self.cfg.fpga, addr, nbytes)):
                     m.d.comb += loads[f"hbm{c}"].eq(nb)
             with m.Case(HOST):
                 m.d.comb += [latency.eq(self.latency[HOST]), loads["pcie"].eq(nbytes)]

@@ -15,9 +15,12 @@ length, and a client whose bytes cannot all move by then raises its own `error`.
 """
 from __future__ import annotations
 
+from fractions import Fraction
+
 from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from trimem.hdl.frontend import CYCLE_BITS
 
@@ -38,6 +41,44 @@ def physical(cfg, name: str) -> str:
     if cfg.pim is not None and cfg.pim.shared_with_hbm and name.startswith("pim"):
         return "hbm" + name[len("pim"):]
     return name
+
+
+class Reciprocal:
+    """ceil(x * rate) for 0 <= x < 2**bits as ((x * num + den - 1) * mult) >> shift.
+
+    With y = x * num + den - 1 < 2**n, mult = ceil(2**shift / den) and e = mult * den -
+    2**shift, floor(y * mult / 2**shift) = floor(y / den) whenever e * y < 2**shift; shift =
+    n + bit length of den gives it, since e < den. The constructor checks that bound.
+    """
+
+    def __init__(self, rate: Fraction, bits: int):
+        self.num, self.den = rate.numerator, rate.denominator
+        top = ((1 << bits) - 1) * self.num + self.den - 1
+        self.shift = top.bit_length() + self.den.bit_length()
+        self.mult = -(-(1 << self.shift) // self.den)
+        if (self.mult * self.den - (1 << self.shift)) * top >= 1 << self.shift:
+            raise ValueError(f"no exact reciprocal of {rate!r} over {bits}-bit byte counts")
+
+    def __call__(self, x):
+        """ceil(x * rate) of an int or an Amaranth value."""
+        return ((x * self.num + self.den - 1) * self.mult) >> self.shift
+
+
+def hbm_range_bytes(fpga, addr, nbytes) -> list:
+    """Bytes of [addr, addr + nbytes) in each HBM channel, as Amaranth values
+    (`trimem.timing.hbm_channel_bytes`), for power-of-two channels and interleave."""
+    step, channels = fpga.hbm_interleave_bytes, fpga.hbm_channels
+    period = exact_log2(step * channels)
+
+    def prefix(x, c):
+        """Bytes of [0, x) in channel c: `step` per whole period, then the period's rest
+        less the channels before c, clamped to a step."""
+        rest = x[:period]
+        part = Mux(rest > c * step, rest - c * step, 0)
+        return ((x >> period) << exact_log2(step)) + Mux(part > step, step, part)
+
+    end = addr + nbytes
+    return [prefix(end, c) - prefix(addr, c) for c in range(channels)]
 
 
 def request_layout(resources: int) -> data.StructLayout:

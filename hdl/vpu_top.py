@@ -47,7 +47,7 @@ from amaranth.utils import exact_log2
 from trimem import isa, layout, numerics, timing
 from trimem.hdl.frontend import (CYCLE_BITS, FX_BYTES, SIZE_BITS, SramTop, check_sram,
                                  engine_layout, read_signature, register_top, write_signature)
-from trimem.hdl.reserve import client_signature
+from trimem.hdl.reserve import Reciprocal, client_signature, hbm_range_bytes
 from trimem.hdl.vpu import (A8_BITS, EXP_BITS, FX_BITS, MAX_LANES, ROPE_BITS, VectorUnit,
                             VpuOp, rshift_round, saturate)
 from trimem.numerics import RECIP_SHIFT
@@ -102,23 +102,6 @@ def hbm_channel_bits(fpga, resources) -> tuple[int, ...]:
         raise ValueError(f"resources {tuple(resources)!r} lack {', '.join(missing)}; pass "
                          f"trimem.hdl.reserve.resource_names(cfg)")
     return tuple(tuple(resources).index(name) for name in names)
-
-
-def channel_prefix(x, step: int, channels: int, c: int):
-    """Bytes of [0, x) in HBM channel c (trimem.timing's channel prefix): `step` per whole
-    interleave period, then the period's rest less the channels before c, clamped to a step."""
-    period = exact_log2(step * channels)
-    rest = x[:period]
-    part = Mux(rest > c * step, rest - c * step, 0)
-    return ((x >> period) << exact_log2(step)) + Mux(part > step, step, part)
-
-
-def div_const(y, den: int):
-    """floor(y / den) for unsigned y and a constant den: a multiply by ceil(2**(b + l) / den)
-    and a shift by b + l (b = len(y), l = ceil(log2 den)), exact for every y < 2**b
-    (Granlund and Montgomery, PLDI'94, theorem 4.2)."""
-    shift = len(y) + (den - 1).bit_length()
-    return (y * -(-(1 << shift) // den)) >> shift
 
 
 class VpuEngine(wiring.Component):
@@ -383,7 +366,7 @@ class VpuEngine(wiring.Component):
         fpga, lanes = self.fpga, self.lanes
         word = self.i_instr.payload.embed
         res = self.res
-        step, channels = fpga.hbm_interleave_bytes, fpga.hbm_channels
+        channels = fpga.hbm_channels
         per_byte = timing.cycles_per_byte(fpga.hbm_gbps_per_channel, fpga.clock_mhz)
         scales = layout.SCALE_CODE_BYTES
 
@@ -420,9 +403,8 @@ class VpuEngine(wiring.Component):
         row_end = row_addr + row_bytes
         loads = [Signal(LOAD_BITS, name=f"load_hbm{c}") for c in range(channels)]
         with m.If(row_valid):
-            for c, load in enumerate(loads):
-                m.d.sync += load.eq(load + channel_prefix(row_end, step, channels, c)
-                                    - channel_prefix(row_addr, step, channels, c))
+            for load, nbytes in zip(loads, hbm_range_bytes(fpga, row_addr, row_bytes)):
+                m.d.sync += load.eq(load + nbytes)
             with m.If(row_end > fpga.hbm_bytes):
                 m.d.sync += self.error.eq(1)        # a row past HBM
         with m.If(issue):
@@ -434,8 +416,7 @@ class VpuEngine(wiring.Component):
         busiest = Const(0, LOAD_BITS)
         for load in loads:
             busiest = Mux(load > busiest, load, busiest)
-        stream = div_const(busiest * per_byte.numerator + per_byte.denominator - 1,
-                           per_byte.denominator)
+        stream = Reciprocal(per_byte, LOAD_BITS)(busiest)
         request = res.request.payload
         length = Signal(CYCLE_BITS)      # the end's distance from the start
         asking, waiting = Signal(), Signal()

@@ -10,9 +10,9 @@ from amaranth.sim import Simulator
 from trimem import isa
 from trimem.config import load_config, load_config_dict
 from trimem.emulator.machine import Machine
-from trimem.hdl.dma_top import DMA_BYTES, DmaEngine, Reciprocal
+from trimem.hdl.dma_top import DMA_BYTES, DmaEngine
 from trimem.hdl.frontend import Frontend
-from trimem.hdl.reserve import Reservations, resource_names
+from trimem.hdl.reserve import Reciprocal, Reservations, resource_names
 from trimem.hdl.system import ByteRam
 from trimem.timing import cycles_per_byte, stream_cycles
 

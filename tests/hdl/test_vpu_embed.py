@@ -16,7 +16,7 @@ from trimem.emulator.machine import EmulatorError, Machine
 from trimem.hdl.frontend import FX_BYTES, Frontend
 from trimem.hdl.reserve import Reservations, resource_names
 from trimem.hdl.system import ByteRam
-from trimem.hdl.vpu_top import VpuEngine, div_const
+from trimem.hdl.vpu_top import VpuEngine
 from tests.hdl.rejects import rejects
 
 SMALL = load_config("trimem-small")
@@ -217,25 +217,6 @@ def test_an_embed_the_emulator_rejects_stops_the_stream_with_error(ids, table_ad
         emulate(SMALL, {"VPU": text}, sram, hbm)
     out = simulate(SMALL, isa.assemble(text, "VPU"), sram, hbm, [], max_cycles=60)
     assert out["error"] == 1
-
-
-@pytest.mark.sim
-@pytest.mark.parametrize("den", [1, 3, 7, 16, 125])
-def test_div_const_divides_every_value_of_its_width_exactly(den):
-    y = Signal(12)
-    quotient = div_const(y, den)
-    values = list(range(64)) + list(range(4096 - 64, 4096)) + list(range(100, 4000, 37))
-    got = []
-
-    async def bench(ctx):
-        for v in values:
-            ctx.set(y, v)
-            got.append(ctx.get(quotient))
-
-    sim = Simulator(Module())
-    sim.add_testbench(bench)
-    sim.run()
-    assert got == [v // den for v in values]
 
 
 @pytest.mark.unit
