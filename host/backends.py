@@ -90,6 +90,25 @@ def batch_programs(bundle: Bundle, batch: Batch, cache: dict) -> dict:
     return cache[key]
 
 
+def require_images(bundle: Bundle, where: str) -> None:
+    """ValueError for a timing-only bundle, which has nothing to run on `where`."""
+    if not bundle.images:
+        raise ValueError(f"the bundle has no memory images (a timing-only compile); compile "
+                         f"the model with weights to run it on {where}")
+
+
+def step_inputs(entry: Entry, batch: Batch) -> list:
+    """(TensorSpec, array in its dtype) of each input of `entry` for `batch`."""
+    given = {"ids": batch.ids, "pos": batch.pos}
+    return [(spec, given[spec.name].astype(spec.dtype)) for spec in entry.inputs]
+
+
+def logits_spec(entry: Entry):
+    """The TensorSpec of the entry's logits output."""
+    (spec,) = [s for s in entry.outputs if s.name == "logits"]
+    return spec
+
+
 def emulate(config, entry: Entry, programs: dict, batch: Batch, *, memories=None,
             timing_only=False):
     """Run one step on a fresh emulator Machine; return (logits of every row or None, report).
@@ -104,15 +123,14 @@ def emulate(config, entry: Entry, programs: dict, batch: Batch, *, memories=None
     machine = Machine(config, timing_only=timing_only)
     if memories is not None:
         machine.memories = memories
-    given = {"ids": batch.ids, "pos": batch.pos}
-    for spec in entry.inputs:
-        machine.memory(spec.space).write_array(spec.addr, given[spec.name].astype(spec.dtype))
+    for spec, data in step_inputs(entry, batch):
+        machine.memory(spec.space).write_array(spec.addr, data)
     machine.run(programs)
     report = stats.report(machine)
     report["entry"] = entry.name
     if timing_only:
         return None, report
-    (spec,) = [s for s in entry.outputs if s.name == "logits"]
+    spec = logits_spec(entry)
     logits = machine.memory(spec.space).read_array(spec.addr, spec.dtype, spec.shape)
     return np.asarray(logits, np.int32), report
 
@@ -194,9 +212,7 @@ class EmulatorBackend(Backend):
 
     def __init__(self, bundle, graph, config, device=None):
         super().__init__(bundle, graph, config, device)
-        if not bundle.images:
-            raise ValueError("the bundle has no memory images (a timing-only compile); "
-                             "compile the model with weights to run it on the emulator")
+        require_images(bundle, "the emulator")
         self.programs: dict = {}
         self.memories: dict = {}
         self._place_images()
@@ -237,9 +253,7 @@ class VerilatorBackend(Backend):
         from trimem.hdl.system import check_system
         from trimem.sims import cosim, tops
 
-        if not bundle.images:
-            raise ValueError("the bundle has no memory images (a timing-only compile); "
-                             "compile the model with weights to run it on the RTL")
+        require_images(bundle, "the RTL")
         engines = {e for entry in bundle.entries.values() for e in entry.programs}
         spaces = {img.space for img in bundle.images} | {
             t.space for entry in bundle.entries.values() for t in entry.inputs + entry.outputs}
@@ -264,10 +278,9 @@ class VerilatorBackend(Backend):
         _, report = emulate(self.config, entry, programs, batch, timing_only=True)
         images = [] if self.placed else [(img.space, img.addr, img.data.tobytes())
                                          for img in self.bundle.images]
-        given = {"ids": batch.ids, "pos": batch.pos}
-        images += [(s.space, s.addr, given[s.name].astype(s.dtype).tobytes())
-                   for s in entry.inputs]
-        (spec,) = [s for s in entry.outputs if s.name == "logits"]
+        images += [(spec.space, spec.addr, data.tobytes())
+                   for spec, data in step_inputs(entry, batch)]
+        spec = logits_spec(entry)
         rtl = cosim.run_top(self.harness, self.top, programs, images,
                             [("logits", spec.space, spec.addr, spec.nbytes)],
                             max_cycles=cosim.CYCLE_MARGIN * report["cycles"] + cosim.SLACK)
