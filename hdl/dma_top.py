@@ -33,8 +33,8 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from trimem import isa, timing
-from trimem.hdl.frontend import (CYCLE_BITS, HOST_BYTES, Frontend, engine_layout, load_layout,
-                                 read_signature, register_top, token_signature,
+from trimem.hdl.frontend import (CYCLE_BITS, HOST_BYTES, Frontend, connect_stream,
+                                 engine_layout, read_signature, register_top, stream_members,
                                  write_signature)
 from trimem.hdl.reserve import (Reciprocal, Reservations, client_signature, hbm_range_bytes,
                                 physical, request_layout, resource_names)
@@ -324,9 +324,7 @@ class DmaTop(wiring.Component):
                                    addr_bits=isa.ADDR_BITS[isa.Space[name]])
                      for name, size in self.sizes.items()}
         super().__init__({
-            "run": In(1), "halted": Out(1), "error": Out(1), "cycles": Out(CYCLE_BITS),
-            "o_push": Out(token_signature()), "o_pop": Out(token_signature()),
-            "i_load": In(stream.Signature(load_layout(self.frontend.depth))),
+            **stream_members(self.frontend),
             "host_space": In(isa.Space),
             "host_rd": In(read_signature(isa.DMA_ADDR_BITS, HOST_BYTES)),
             "host_wr": In(write_signature(isa.DMA_ADDR_BITS, HOST_BYTES))})
@@ -339,14 +337,9 @@ class DmaTop(wiring.Component):
         m.submodules.reservations = res
 
         # -- stream, holds, status ------------------------------------------------------------
-        wiring.connect(m, fe.o_instr, dma.i_instr)
+        connect_stream(m, self, fe, dma)
         wiring.connect(m, dma.res, res.dma)
-        wiring.connect(m, wiring.flipped(self.i_load), fe.i_load)
-        wiring.connect(m, fe.o_push, wiring.flipped(self.o_push))
-        wiring.connect(m, fe.o_pop, wiring.flipped(self.o_pop))
-        m.d.comb += [dma.now.eq(res.now), fe.run.eq(self.run & ~dma.error),
-                     self.halted.eq(fe.halted | dma.error),
-                     self.error.eq(fe.error | dma.error), self.cycles.eq(fe.cycles)]
+        m.d.comb += dma.now.eq(res.now)
 
         # -- memories: the engine's ports, the host's where the engine does not write ---------
         read_space = Signal(isa.Space)

@@ -479,6 +479,24 @@ def check_sram(fpga) -> None:
                          f"RTL builds as one initialised memory; use a smaller preset")
 
 
+def stream_members(frontend: Frontend) -> dict:
+    """The ports a one-stream top passes through from its front end `frontend`."""
+    return {"run": In(1), "halted": Out(1), "error": Out(1), "cycles": Out(CYCLE_BITS),
+            "o_push": Out(token_signature()), "o_pop": Out(token_signature()),
+            "i_load": In(stream.Signature(load_layout(frontend.depth)))}
+
+
+def connect_stream(m: Module, top, fe: Frontend, engine) -> None:
+    """Wire a one-stream top's `stream_members` to its front end `fe`, and `fe`'s words into
+    `engine`, whose error stops the stream."""
+    wiring.connect(m, fe.o_instr, engine.i_instr)
+    wiring.connect(m, wiring.flipped(top.i_load), fe.i_load)
+    wiring.connect(m, fe.o_push, wiring.flipped(top.o_push))
+    wiring.connect(m, fe.o_pop, wiring.flipped(top.o_pop))
+    m.d.comb += [fe.run.eq(top.run & ~engine.error), top.halted.eq(fe.halted | engine.error),
+                 top.error.eq(fe.error | engine.error), top.cycles.eq(fe.cycles)]
+
+
 class SramTop(wiring.Component):
     """One FPGA engine's stream on its own: front end, engine and the SRAM.
 
@@ -515,12 +533,9 @@ class SramTop(wiring.Component):
         self.sram = Sram(cfg.fpga.sram_bytes, {**engine.reads, "host": HOST_BYTES}, write,
                          init=sram)
         bits = self.sram.addr_bits
-        super().__init__({
-            "run": In(1), "halted": Out(1), "error": Out(1), "cycles": Out(CYCLE_BITS),
-            "o_push": Out(token_signature()), "o_pop": Out(token_signature()),
-            "i_load": In(stream.Signature(load_layout(self.frontend.depth))),
-            "host_rd": In(read_signature(bits, HOST_BYTES)),
-            "host_wr": In(write_signature(bits, HOST_BYTES))})
+        super().__init__({**stream_members(self.frontend),
+                          "host_rd": In(read_signature(bits, HOST_BYTES)),
+                          "host_wr": In(write_signature(bits, HOST_BYTES))})
 
     def elaborate(self, platform):
         m = Module()
@@ -530,13 +545,7 @@ class SramTop(wiring.Component):
         m.submodules.sram = sram
 
         # -- instructions and tokens ----------------------------------------------------------
-        wiring.connect(m, fe.o_instr, engine.i_instr)
-        wiring.connect(m, wiring.flipped(self.i_load), fe.i_load)
-        wiring.connect(m, fe.o_push, wiring.flipped(self.o_push))
-        wiring.connect(m, fe.o_pop, wiring.flipped(self.o_pop))
-        m.d.comb += [fe.run.eq(self.run & ~engine.error),
-                     self.halted.eq(fe.halted | engine.error),
-                     self.error.eq(fe.error | engine.error), self.cycles.eq(fe.cycles)]
+        connect_stream(m, self, fe, engine)
 
         # -- memory: engine ports, host port, one shared write port ---------------------------
         for name in engine.reads:
