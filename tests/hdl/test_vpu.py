@@ -34,6 +34,17 @@ def run_vpu(words, sram, reads, cycles):
                              max_cycles=cycles + 10)
 
 
+def assert_quantized_rows(out, cycles, n, a8, mant, exp):
+    """`run_vpu` halted cleanly in `cycles`, its first read the a8 rows and its second their
+    scale codes, bit for bit."""
+    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
+    got = layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8), n)
+    np.testing.assert_array_equal(got, a8)
+    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
+    np.testing.assert_array_equal(got_mant, mant)
+    np.testing.assert_array_equal(got_exp, exp)
+
+
 @pytest.mark.sim
 def test_encode_amax_in_hardware_gives_numerics_scale_codes():
     amax = np.array([0, 1, 2, 32767, 32768, 32769, 65535, 65536, 2**31 - 1, 2**31, 12345678])
@@ -90,13 +101,7 @@ def test_quant_matches_quantize_act_bit_for_bit_in_the_cycles_timing_gives(m, n)
     cycles = timing.vpu_cycles(SMALL.fpga, "VPU.QUANT", fields)
     out = run_vpu([isa.encode("VPU.QUANT", **fields), isa.encode("HALT")], sram,
                   [(O_ADDR, m * n), (S_ADDR, 4 * m)], cycles)
-    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
-    a8, mant, exp = numerics.quantize_act(x)
-    np.testing.assert_array_equal(layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8),
-                                                        n), a8)
-    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
-    np.testing.assert_array_equal(got_mant, mant)
-    np.testing.assert_array_equal(got_exp, exp)
+    assert_quantized_rows(out, cycles, n, *numerics.quantize_act(x))
 
 
 @pytest.mark.sim
@@ -199,15 +204,10 @@ def test_rmsnorm_matches_rmsnorm_quant_bit_for_bit_in_the_cycles_timing_gives(m,
     cycles = timing.vpu_cycles(SMALL.fpga, "VPU.RMSNORM", fields)
     out = run_vpu([isa.encode("VPU.RMSNORM", **fields), isa.encode("HALT")], sram,
                   [(O_ADDR, m * n), (S_ADDR, 4 * m)], cycles)
-    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
-    a8, mant, exp = special.rmsnorm_quant(x, gamma, eps)
-    np.testing.assert_array_equal(layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8),
-                                                        n), a8)
-    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
-    np.testing.assert_array_equal(got_mant, mant)
-    np.testing.assert_array_equal(got_exp, exp)
+    assert_quantized_rows(out, cycles, n, *special.rmsnorm_quant(x, gamma, eps))
 
 
+@pytest.mark.sim
 @pytest.mark.parametrize("m, n", [(5, 3), (4, 8), (3, 9)])
 def test_quant_rows_of_one_chunk_back_to_back_keep_each_rows_reciprocal(m, n):
     """A row's reciprocal may change two cycles after its last AMAX chunk."""
@@ -220,15 +220,10 @@ def test_quant_rows_of_one_chunk_back_to_back_keep_each_rows_reciprocal(m, n):
     cycles = timing.vpu_cycles(SMALL.fpga, "VPU.QUANT", fields)
     out = run_vpu([isa.encode("VPU.QUANT", **fields), isa.encode("HALT")], sram,
                   [(O_ADDR, m * n), (S_ADDR, 4 * m)], cycles)
-    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
-    a8, mant, exp = numerics.quantize_act(x)
-    got = layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8), n)
-    np.testing.assert_array_equal(got, a8)
-    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
-    np.testing.assert_array_equal(got_mant, mant)
-    np.testing.assert_array_equal(got_exp, exp)
+    assert_quantized_rows(out, cycles, n, *numerics.quantize_act(x))
 
 
+@pytest.mark.sim
 @pytest.mark.parametrize("n", [5, 19])
 def test_rmsnorm_rows_at_every_row_shift_match_rmsnorm_quant(n):
     """Rows whose max |x| has 1 to 32 bits: every sum of squares the lanes keep is used."""
@@ -253,13 +248,7 @@ def test_rmsnorm_rows_at_every_row_shift_match_rmsnorm_quant(n):
     cycles = timing.vpu_cycles(SMALL.fpga, "VPU.RMSNORM", fields)
     out = run_vpu([isa.encode("VPU.RMSNORM", **fields), isa.encode("HALT")], sram,
                   [(O_ADDR + 0x1000, m * n), (S_ADDR + 0x1000, 4 * m)], cycles)
-    assert (out["halted"], out["error"], out["cycles"]) == (1, 0, cycles)
-    a8, mant, exp = special.rmsnorm_quant(x, gamma, eps)
-    got = layout.unpack_a8_rows(np.frombuffer(out["data"][0], np.uint8), n)
-    np.testing.assert_array_equal(got, a8)
-    got_mant, got_exp = layout.unpack_scale_codes(np.frombuffer(out["data"][1], np.uint8))
-    np.testing.assert_array_equal(got_mant, mant)
-    np.testing.assert_array_equal(got_exp, exp)
+    assert_quantized_rows(out, cycles, n, *special.rmsnorm_quant(x, gamma, eps))
 
 
 @pytest.mark.sim
